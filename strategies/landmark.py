@@ -1,0 +1,162 @@
+"""``landmark``: query-aware chunk selection from per-chunk key summaries, training-free.
+
+Landmark Attention (Mohtashami & Jaggi 2023) trains a landmark token per block; this is its
+training-free relative Quest (Tang et al. 2024): every chunk of ``block_size`` tokens keeps the
+per-channel min and max of its keys, and a decode query scores chunk c of KV head g by
+sum_{heads of the group} sum_d max(q_d * max_d, q_d * min_d), an upper bound of q.k. The top
+``k_blocks`` chunks plus the first and the newest are attended; the first ``dense_layers`` layers
+attend densely (Quest: 2). Default budget: 64 chunks x 16 tokens = 1024 tokens (+ first and newest
+chunk), inside Quest's 512-4096 token budgets and sized for this project's 8k-position model.
+
+Summaries live per *physical* KV block (``[num_blocks, Hkv, page // chunk, D]`` fp32 per layer, about
+1/8 of a bf16 KV cache at chunk 16, allocated on first use), so they stay right under prefix caching;
+a request remembers only how far it has summarised, and each decode step summarises the tokens not
+summarised yet (the whole prompt on its first decode step). Prefill is dense.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from strategies.base import (Budget, RowGroup, StepCount, StepRows, Strategy, StrategyParams, dense_indices,
+                             group_rows_by, param, resolve_budget, split_rows)
+from strategies.full import run_prefill
+from strategies.registry import register
+
+
+@dataclass(frozen=True)
+class Params(StrategyParams):
+    block_size: int = param(16, choices=(8, 16, 32, 64, 128), doc="tokens per chunk (Quest page: 16); "
+                                                                  "capped at the KV page size")
+    k_blocks: Budget = param(64, doc="chunks kept besides the first and the newest: a count, or a fraction "
+                                     "(0, 1] of the context's chunks (64 x 16 = 1024 tokens, inside Quest's "
+                                     "512-4096 token budgets)")
+    dense_layers: int = param(2, minimum=0, maximum=1024, doc="the first layers attend densely (Quest: 2)")
+
+
+@dataclass
+class LandmarkGroup:
+    """Decode rows sharing (chunk, k_chunks, dense_layers)."""
+    rows: RowGroup
+    chunk: int
+    k_chunks: int
+    dense_layers: int
+    start_pos: Tensor               # int32 [n]: first token not summarised yet
+    dense_count: Tensor             # fp64 [n]: seq_len, what a dense layer attends
+    dense_idx: Optional[Tensor]     # int32 [n, Hkv, max_len] when dense_layers > 0
+    dense_num: Optional[Tensor]     # int32 [n, Hkv]
+
+
+@dataclass
+class LandmarkPlan:
+    decode: list[LandmarkGroup]
+    prefill: Optional[RowGroup]
+    count: StepCount
+    decode_rows: Optional[RowGroup]
+
+
+def effective_chunk(block_size: int, page: int) -> int:
+    """The chunk must divide the KV page: block_size capped to the page (both powers of two on vLLM)."""
+    return math.gcd(block_size, page)
+
+
+@register
+class LandmarkStrategy(Strategy):
+    name = "landmark"
+    Params = Params
+    description = ("Quest-style landmarks: per-chunk key min/max summaries bound q.k; the top k_blocks chunks "
+                   "plus the first and newest are attended; the first dense_layers layers stay dense.")
+    dense_prefill = True
+
+    def __init__(self, model):
+        super().__init__(model)
+        self.summarised: dict[str, int] = {}                      # request -> tokens summarised
+        self.summaries: dict[tuple[int, int], tuple[Tensor, Tensor]] = {}   # (chunk, layer) -> (kmin, kmax)
+
+    def plan(self, rows: StepRows) -> LandmarkPlan:
+        decode, prefill = split_rows(rows)
+        count = self.new_count(rows)
+        groups = []
+        if prefill is not None:
+            count.attended.index_add_(0, prefill.rows_t, torch.tensor(
+                [count.total[i] * self.model.num_layers for i in prefill.rows], dtype=torch.float64,
+                device=rows.device))
+            for i in prefill.rows:      # the KV may have been recomputed (preemption): re-summarise
+                rid = rows.request_ids[i]
+                if rid in self.summarised:
+                    self.summarised[rid] = min(self.summarised[rid], rows.seq_lens_cpu[i] - rows.query_lens_cpu[i])
+        if decode is not None:
+            page = self.model.kv_block_size
+
+            def key(i: int) -> tuple[int, int, int]:
+                p = rows.params[i]
+                chunk = effective_chunk(p.block_size, page)
+                n_chunks = -(-rows.seq_lens_cpu[i] // chunk)
+                return chunk, resolve_budget(p.k_blocks, n_chunks), p.dense_layers
+
+            for (chunk, k_chunks, dense_layers), group in group_rows_by(rows, decode, key):
+                dense_idx, dense_num = (dense_indices(group.seq_lens_cpu, self.model.num_kv_heads, rows.device)
+                                        if dense_layers > 0 else (None, None))
+                start = [min(self.summarised.get(rows.request_ids[i], 0), rows.seq_lens_cpu[i] - 1)
+                         for i in group.rows]
+                groups.append(LandmarkGroup(
+                    rows=group, chunk=chunk, k_chunks=k_chunks, dense_layers=dense_layers,
+                    start_pos=torch.tensor(start, dtype=torch.int32, device=rows.device),
+                    dense_count=torch.tensor(group.seq_lens_cpu, dtype=torch.float64, device=rows.device),
+                    dense_idx=dense_idx, dense_num=dense_num))
+        return LandmarkPlan(groups, prefill, count, decode)
+
+    def _summaries(self, chunk: int, layer: int, key_cache: Tensor) -> tuple[Tensor, Tensor]:
+        num_blocks, hkv, page, d = key_cache.shape
+        found = self.summaries.get((chunk, layer))
+        if found is None or found[0].shape[0] != num_blocks or found[0].device != key_cache.device:
+            shape = (num_blocks, hkv, page // chunk, d)
+            found = (torch.zeros(shape, dtype=torch.float32, device=key_cache.device),
+                     torch.zeros(shape, dtype=torch.float32, device=key_cache.device))
+            self.summaries[(chunk, layer)] = found
+        return found
+
+    def select(self, layer: int, q: Tensor, key_cache: Tensor, group: LandmarkGroup) -> tuple[Tensor, Tensor]:
+        """Summarise the new tokens and pick chunks: (token_idx [n, Hkv, K], num_idx [n, Hkv])."""
+        from strategies import ops
+        kmin, kmax = self._summaries(group.chunk, layer, key_cache)
+        ops.landmark_update_summaries(key_cache, group.rows.block_table, group.start_pos, group.rows.seq_lens,
+                                      group.chunk, kmin, kmax)
+        return ops.landmark_select(q, kmin, kmax, group.rows.block_table, group.rows.seq_lens, group.chunk,
+                                   group.k_chunks)
+
+    def run(self, layer: int, query: Tensor, key_cache: Tensor, value_cache: Tensor, plan: LandmarkPlan,
+            out: Tensor) -> None:
+        from strategies import ops
+        if plan.prefill is not None:
+            run_prefill(self, plan.prefill, query, key_cache, value_cache, out)
+        for group in plan.decode:
+            q = group.rows.gather(query)
+            if layer < group.dense_layers:
+                idx, num = group.dense_idx, group.dense_num
+                plan.count.attended.index_add_(0, group.rows.rows_t, group.dense_count)
+            else:
+                idx, num = self.select(layer, q, key_cache, group)
+                self.count_attended(plan.count, group.rows, num)
+            o, _ = ops.sparse_paged_attention(q, key_cache, value_cache, group.rows.block_table, idx, num,
+                                              self.scale, False)
+            group.rows.scatter(out, o)
+
+    def finish_step(self, plan: LandmarkPlan) -> None:
+        if plan.decode_rows is not None:
+            for group in plan.decode:
+                for i, seq_len in zip(group.rows.rows, group.rows.seq_lens_cpu):
+                    self.summarised[plan.count.request_ids[i]] = seq_len
+        super().finish_step(plan)
+
+    def reset(self, request_id: str) -> None:
+        self.summarised.pop(request_id, None)
+
+    def release(self, request_id: str) -> None:
+        self.summarised.pop(request_id, None)
+        super().release(request_id)

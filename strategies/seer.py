@@ -1,0 +1,358 @@
+"""``seer``: SeerAttention's AttnGate (Gao et al. 2024, microsoft/SeerAttention), decode gate after
+SeerAttention-R.
+
+Per layer and KV head, a learned gate scores key blocks of ``block_size`` tokens:
+- decode (SeerAttention-R): no query pooling; the G query heads of a KV group are concatenated and
+  folded by a learned projection ``decode_q [Hkv, G*D, Dg]``; the keys of a block are pooled
+  (max, min, mean) and projected by ``decode_k [Hkv, 3*D, Dg]``; RoPE at block positions (gate RoPE,
+  ``rope_theta`` > 0); softmax over the sequence's blocks; keep blocks with probability >= ``threshold``
+  (or the ``top_k`` best) plus the newest block.
+- prefill: the queries are average-pooled over the same blocks, then ``prefill_q`` / ``prefill_k`` as
+  above; causal at block level, the diagonal block always kept; the result is a block mask for
+  ``ops.paged_prefill_attention``. (The paper's per-query-head gate is folded per KV group here because
+  the mask is per KV head.)
+
+vLLM caches keys after the model's RoPE, so gates are calibrated on post-RoPE pooled keys (calibration is
+a later issue). Pooled keys live per *physical* KV block (``[num_blocks, Hkv, page // block, 3*D]`` fp32
+per layer); a request remembers up to which token it has pooled.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from strategies.base import (Budget, ModelFacts, ParamError, RowGroup, StepCount, StepRows, Strategy,
+                             StrategyParams, group_rows_by, param, resolve_budget, split_rows)
+from strategies.full import run_prefill
+from strategies.registry import register
+
+IDENTITY = "identity"
+CALIBRATE_HINT = ("calibrate SeerAttention gates for this model (the calibration command is a later issue), "
+                  f"or use \"gates\": \"{IDENTITY}\" for the training-free identity gate")
+
+
+def gates_dir() -> Path:
+    return Path(os.environ.get("ATTNSERVE_GATES_DIR", "~/.cache/attnserve/gates")).expanduser()
+
+
+def model_name(model_id: str) -> str:
+    return Path(model_id.rstrip("/")).name or model_id
+
+
+@dataclass(frozen=True)
+class Params(StrategyParams):
+    block_size: int = param(64, choices=(16, 32, 64, 128), doc="tokens per gated key block (paper: 64); "
+                                                              "must divide the KV page size")
+    threshold: float = param(2e-3, minimum=0.0, maximum=1.0,
+                             doc="keep blocks whose gate probability is >= threshold (paper: 2e-3, 5e-4..5e-3); "
+                                 "used when top_k is 0")
+    top_k: Budget = param(0, minimum=0, doc="0: use threshold; else blocks kept besides the newest: a count, "
+                                            "or a fraction (0, 1] of the context's blocks")
+    gates: Optional[str] = param(None, doc="gate weights: a .safetensors path, a name under "
+                                           "$ATTNSERVE_GATES_DIR/<model>/, 'identity' (training-free), or null "
+                                           "for <gates dir>/<model>/seer.safetensors")
+
+
+@dataclass(frozen=True)
+class SeerGates:
+    """Gate weights of one model, all layers stacked (fp32)."""
+    model_id: str
+    num_layers: int
+    num_q_heads: int
+    num_kv_heads: int
+    head_size: int
+    block_size: int
+    gate_dim: int
+    rope_theta: float           # gate RoPE at block positions; 0 = none
+    decode_q: Tensor            # [L, Hkv, G*D, Dg]
+    decode_k: Tensor            # [L, Hkv, 3*D, Dg]
+    prefill_q: Tensor           # [L, Hkv, G*D, Dg] (applied to block-averaged queries)
+    prefill_k: Tensor           # [L, Hkv, 3*D, Dg]
+
+    _TENSORS = ("decode_q", "decode_k", "prefill_q", "prefill_k")
+    _META = ("model_id", "num_layers", "num_q_heads", "num_kv_heads", "head_size", "block_size", "gate_dim",
+             "rope_theta")
+
+    @classmethod
+    def identity(cls, model: ModelFacts, block_size: int = 64) -> "SeerGates":
+        """Training-free gate: the mean query of the group against the mean key of each block, no gate
+        RoPE (the cached keys are already rotated); Dg = D."""
+        L, hkv, d, g = model.num_layers, model.num_kv_heads, model.head_size, model.group_size
+        eye = torch.eye(d)
+        q = (eye / g).repeat(g, 1)                                     # [G*D, D]: mean over the group
+        k = torch.cat([torch.zeros(2 * d, d), eye])                    # [3*D, D]: the mean-pooled key
+        q = q.expand(L, hkv, g * d, d).contiguous()
+        k = k.expand(L, hkv, 3 * d, d).contiguous()
+        return cls(model_id=model.model_id, num_layers=L, num_q_heads=model.num_q_heads, num_kv_heads=hkv,
+                   head_size=d, block_size=block_size, gate_dim=d, rope_theta=0.0,
+                   decode_q=q, decode_k=k, prefill_q=q.clone(), prefill_k=k.clone())
+
+    def save(self, path: str | Path) -> None:
+        from safetensors.torch import save_file
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({n: getattr(self, n).contiguous().float() for n in self._TENSORS}, str(path),
+                  metadata={"format": "attnserve-seer-gates", **{n: str(getattr(self, n)) for n in self._META}})
+
+    @staticmethod
+    def read_metadata(path: str | Path) -> dict:
+        from safetensors import safe_open
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+
+    @classmethod
+    def load(cls, path: str | Path) -> "SeerGates":
+        from safetensors.torch import load_file
+        meta = cls.read_metadata(path)
+        tensors = load_file(str(path))
+        missing = [n for n in cls._META if n not in meta] + [n for n in cls._TENSORS if n not in tensors]
+        if missing:
+            raise ParamError("gates", f"{path} is not an attnserve SeerAttention gate file (missing {missing}); "
+                                      + CALIBRATE_HINT)
+        kinds = {"model_id": str, "rope_theta": float}
+        values = {n: kinds.get(n, int)(meta[n]) for n in cls._META}
+        return cls(**values, **{n: tensors[n].float() for n in cls._TENSORS})
+
+    def problems(self, model: ModelFacts, block_size: int) -> list[str]:
+        """Why these gates do not fit ``model`` / ``block_size`` ([] = they fit)."""
+        return check_gate_metadata({n: str(getattr(self, n)) for n in self._META}, model, block_size)
+
+
+def check_gate_metadata(meta: dict, model: ModelFacts, block_size: int) -> list[str]:
+    out = []
+    if model_name(meta.get("model_id", "")) != model_name(model.model_id):
+        out.append(f"the gates belong to model {meta.get('model_id')!r}, not {model.model_id!r}")
+    for name, want in (("num_layers", model.num_layers), ("num_q_heads", model.num_q_heads),
+                       ("num_kv_heads", model.num_kv_heads), ("head_size", model.head_size),
+                       ("block_size", block_size)):
+        if str(meta.get(name)) != str(want):
+            out.append(f"{name} is {meta.get(name)} in the gates, {want} here")
+    return out
+
+
+def resolve_gates(gates: Optional[str], model: ModelFacts) -> Optional[Path]:
+    """The gate file of a ``gates`` param (None for the identity gate)."""
+    if gates == IDENTITY:
+        return None
+    if gates is None:
+        return gates_dir() / model_name(model.model_id) / "seer.safetensors"
+    if "/" in gates or gates.endswith(".safetensors"):
+        return Path(gates).expanduser()
+    return gates_dir() / model_name(model.model_id) / f"{gates}.safetensors"
+
+
+def rope(x: Tensor, positions: Tensor, theta: float) -> Tensor:
+    """Neox-style rotary embedding of x [..., n, Dg] at positions [n] (or broadcastable [..., n])."""
+    half = x.shape[-1] // 2
+    inv = theta ** (-torch.arange(0, half, device=x.device, dtype=torch.float32) / half)
+    angle = positions.to(torch.float32)[..., None] * inv
+    cos, sin = angle.cos(), angle.sin()
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+@dataclass
+class SeerGroup:
+    """Rows sharing (block, threshold, top_k, gates): one gate + select call per layer."""
+    rows: RowGroup
+    pool: int
+    threshold: float
+    top_k: int                      # blocks besides the newest; 0 = threshold
+    gates: SeerGates                # on the rows' device
+    start_pos: Tensor               # int32 [n]: first token not pooled yet
+    block_phys: Tensor              # int64 [n, NB]: physical KV block of each logical pool block
+    block_slot: Tensor              # int64 [n, NB]: pool block inside that page
+    num_blocks: Tensor              # int32 [n]
+    num_blocks_cpu: list[int]
+    query_start_cpu: list[int]      # the group's query_start_loc
+
+
+@dataclass
+class SeerPlan:
+    decode: list[SeerGroup]
+    prefill: list[SeerGroup]
+    count: StepCount
+
+
+@register
+class SeerStrategy(Strategy):
+    name = "seer"
+    Params = Params
+    description = ("SeerAttention: a learned per-layer gate scores pooled key blocks; blocks above threshold "
+                   "(or the top_k) plus the newest are attended. Needs calibrated gates for the model "
+                   "(or gates='identity').")
+    dense_prefill = False
+
+    def __init__(self, model: ModelFacts):
+        super().__init__(model)
+        self.pooled_upto: dict[str, int] = {}
+        self.pooled: dict[tuple[int, int], Tensor] = {}          # (pool, layer) -> [NB, Hkv, page/pool, 3D]
+        self._gates: dict[tuple[str, int, str], SeerGates] = {}  # (file or identity, block, device)
+
+    @classmethod
+    def validate_for_model(cls, params: Params, model: ModelFacts) -> None:
+        if model.kv_block_size % params.block_size:
+            raise ParamError("block_size", f"must divide the KV page size {model.kv_block_size}; allowed: "
+                                           f"{[b for b in (16, 32, 64, 128) if model.kv_block_size % b == 0]}")
+        path = resolve_gates(params.gates, model)
+        if path is None:
+            return
+        if not path.is_file():
+            raise ParamError("gates", f"no SeerAttention gates for model {model_name(model.model_id)!r} at "
+                                      f"{path}; " + CALIBRATE_HINT)
+        problems = check_gate_metadata(SeerGates.read_metadata(path), model, params.block_size)
+        if problems:
+            raise ParamError("gates", f"{path} does not fit this model: {'; '.join(problems)}; " + CALIBRATE_HINT)
+
+    def gates_for(self, params: Params, device: torch.device) -> SeerGates:
+        path = resolve_gates(params.gates, self.model)
+        key = (str(path) if path else IDENTITY, params.block_size, str(device))
+        found = self._gates.get(key)
+        if found is None:
+            self.validate_for_model(params, self.model)
+            gates = SeerGates.identity(self.model, params.block_size) if path is None else SeerGates.load(path)
+            found = SeerGates(**{n: getattr(gates, n) for n in SeerGates._META},
+                              **{n: getattr(gates, n).to(device) for n in SeerGates._TENSORS})
+            self._gates[key] = found
+        return found
+
+    def _groups(self, rows: StepRows, group: Optional[RowGroup]) -> list[SeerGroup]:
+        if group is None:
+            return []
+        page = self.model.kv_block_size
+
+        def key(i: int):
+            p = rows.params[i]
+            n_blocks = -(-rows.seq_lens_cpu[i] // p.block_size)
+            top_k = 0 if p.top_k == 0 else resolve_budget(p.top_k, n_blocks)
+            return p.block_size, p.threshold, top_k, resolve_gates(p.gates, self.model)
+
+        out = []
+        for (pool, threshold, top_k, _), sub in group_rows_by(rows, group, key):
+            gates = self.gates_for(rows.params[sub.rows[0]], rows.device)
+            nb = [-(-s // pool) for s in sub.seq_lens_cpu]
+            j = torch.arange(max(nb), device=rows.device)
+            col = torch.clamp(j * pool // page, max=sub.block_table.shape[1] - 1)
+            start = [min(self.pooled_upto.get(rows.request_ids[i], 0), c)
+                     for i, c in zip(sub.rows, sub.context_lens_cpu)]
+            out.append(SeerGroup(
+                rows=sub, pool=pool, threshold=threshold, top_k=top_k, gates=gates,
+                start_pos=torch.tensor(start, dtype=torch.int32, device=rows.device),
+                block_phys=sub.block_table.long()[:, col], block_slot=((j * pool % page) // pool).expand(len(nb), -1),
+                num_blocks=torch.tensor(nb, dtype=torch.int32, device=rows.device), num_blocks_cpu=nb,
+                query_start_cpu=[0] + list(itertools.accumulate(rows.query_lens_cpu[i] for i in sub.rows))))
+        return out
+
+    def plan(self, rows: StepRows) -> SeerPlan:
+        decode, prefill = split_rows(rows)
+        return SeerPlan(self._groups(rows, decode), self._groups(rows, prefill), self.new_count(rows))
+
+    def _pooled_keys(self, layer: int, key_cache: Tensor, group: SeerGroup) -> Tensor:
+        """Pool the new tokens; the group's pooled keys [n, NB, Hkv, 3D] (garbage past num_blocks)."""
+        from strategies import ops
+        num_blocks, hkv, page, d = key_cache.shape
+        pooled = self.pooled.get((group.pool, layer))
+        if pooled is None or pooled.shape[0] != num_blocks or pooled.device != key_cache.device:
+            pooled = torch.zeros(num_blocks, hkv, page // group.pool, 3 * d, dtype=torch.float32,
+                                 device=key_cache.device)
+            self.pooled[(group.pool, layer)] = pooled
+        ops.seer_pool_keys(key_cache, group.rows.block_table, group.start_pos, group.rows.seq_lens, group.pool,
+                           pooled)
+        return pooled[group.block_phys, :, group.block_slot]
+
+    def select(self, layer: int, q: Tensor, key_cache: Tensor, group: SeerGroup) -> tuple[Tensor, Tensor, Tensor]:
+        """Decode selection: (token_idx [n, Hkv, K], num_idx [n, Hkv], probs [n, Hkv, NB])."""
+        from strategies import ops
+        n, hkv = q.shape[0], self.model.num_kv_heads
+        gates = group.gates
+        k_in = self._pooled_keys(layer, key_cache, group)                            # [n, NB, Hkv, 3D]
+        k_gate = torch.einsum("bnhc,hcd->bhnd", k_in, gates.decode_k[layer])          # [n, Hkv, NB, Dg]
+        q_gate = torch.einsum("bhc,hcd->bhd", q.float().reshape(n, hkv, -1), gates.decode_q[layer])
+        if gates.rope_theta > 0:
+            k_gate = rope(k_gate, torch.arange(k_gate.shape[2], device=q.device), gates.rope_theta)
+            q_gate = rope(q_gate, (group.num_blocks - 1)[:, None].expand(-1, hkv), gates.rope_theta)
+        return ops.seer_select(q_gate.contiguous(), k_gate.contiguous(), group.num_blocks, group.pool,
+                               group.rows.seq_lens, group.threshold, group.top_k)
+
+    def prefill_mask(self, layer: int, query: Tensor, key_cache: Tensor, group: SeerGroup,
+                     count: Optional[StepCount] = None) -> Tensor:
+        """Block mask bool [n, Hkv, QB, KB] (absolute blocks) of the group's prefill rows."""
+        hkv = self.model.num_kv_heads
+        gates, pool = group.gates, group.pool
+        k_in = self._pooled_keys(layer, key_cache, group)                            # [n, NB, Hkv, 3D]
+        nb_max = k_in.shape[1]
+        mask = torch.zeros(len(group.rows.rows), hkv, nb_max, nb_max, dtype=torch.bool, device=query.device)
+        qsl = group.query_start_cpu
+        q_all = group.rows.gather(query)
+        attended = []
+        for r, (ctx, seq, kb) in enumerate(zip(group.rows.context_lens_cpu, group.rows.seq_lens_cpu,
+                                               group.num_blocks_cpu)):
+            q = q_all[qsl[r]:qsl[r + 1]].float()                                     # [qlen, Hq, D]
+            pos = torch.arange(ctx, seq, device=query.device)
+            first = ctx // pool
+            nq = (seq - 1) // pool - first + 1
+            which = pos // pool - first
+            q_pool = torch.zeros(nq, *q.shape[1:], device=query.device).index_add_(0, which, q)
+            per_block = torch.bincount(which, minlength=nq).float()
+            q_pool = q_pool / per_block[:, None, None]
+            q_gate = torch.einsum("nhc,hcd->hnd", q_pool.reshape(nq, hkv, -1), gates.prefill_q[layer])
+            k_gate = torch.einsum("nhc,hcd->hnd", k_in[r, :kb], gates.prefill_k[layer])      # [Hkv, KB, Dg]
+            q_blocks = torch.arange(first, first + nq, device=query.device)
+            k_blocks = torch.arange(kb, device=query.device)
+            if gates.rope_theta > 0:
+                q_gate = rope(q_gate, q_blocks, gates.rope_theta)
+                k_gate = rope(k_gate, k_blocks, gates.rope_theta)
+            causal = k_blocks[None, :] <= q_blocks[:, None]                          # [nq, KB]
+            logits = torch.einsum("hqd,hkd->hqk", q_gate, k_gate) / math.sqrt(gates.gate_dim)
+            probs = torch.softmax(logits.masked_fill(~causal, float("-inf")), dim=-1)
+            diagonal = k_blocks[None, :] == q_blocks[:, None]
+            if group.top_k <= 0:
+                keep = probs >= group.threshold
+            else:
+                ranked = probs.masked_fill(diagonal | ~causal, -1.0)
+                top = ranked.topk(min(group.top_k, kb), dim=-1).indices
+                keep = torch.zeros_like(causal).expand_as(probs).clone().scatter_(-1, top, True)
+            keep = (keep | diagonal) & causal
+            mask[r, :, first:first + nq, :kb] = keep
+            if count is not None:
+                earlier = (keep & ~diagonal).sum(-1).float().mean(0) * pool            # [nq]
+                attended.append((earlier * per_block).sum() + (pos - (pos // pool) * pool + 1).sum())
+        if count is not None:
+            count.attended.index_add_(0, group.rows.rows_t, torch.stack(attended).to(torch.float64))
+        return mask
+
+    def run(self, layer: int, query: Tensor, key_cache: Tensor, value_cache: Tensor, plan: SeerPlan,
+            out: Tensor) -> None:
+        from strategies import ops
+        for group in plan.prefill:
+            mask = self.prefill_mask(layer, query, key_cache, group, plan.count)
+            run_prefill(self, group.rows, query, key_cache, value_cache, out, block_mask=mask,
+                        mask_block=group.pool)
+        for group in plan.decode:
+            q = group.rows.gather(query)
+            idx, num, _ = self.select(layer, q, key_cache, group)
+            self.count_attended(plan.count, group.rows, num)
+            o, _ = ops.sparse_paged_attention(q, key_cache, value_cache, group.rows.block_table, idx, num,
+                                              self.scale, False)
+            group.rows.scatter(out, o)
+
+    def finish_step(self, plan: SeerPlan) -> None:
+        for group in plan.decode + plan.prefill:
+            for i, seq_len in zip(group.rows.rows, group.rows.seq_lens_cpu):
+                self.pooled_upto[plan.count.request_ids[i]] = seq_len
+        super().finish_step(plan)
+
+    def reset(self, request_id: str) -> None:
+        self.pooled_upto.pop(request_id, None)
+
+    def release(self, request_id: str) -> None:
+        self.pooled_upto.pop(request_id, None)
+        super().release(request_id)
