@@ -1,0 +1,163 @@
+"""The per-request `attention` field: where it is read from the request body, how it is validated
+(through `strategies.registry` only, docs/design.md section 1), what reaches the engine, and what
+the response reports about it (section 5)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+# The key of `SamplingParams.extra_args` that belongs to attnserve.
+EXTRA_ARGS_ATTENTION = "attention"
+
+# The vLLM-style spellings inside `vllm_xargs` (design.md section 1).
+XARGS_ATTENTION = "attention"
+XARGS_STRATEGY = "attention_strategy"
+XARGS_PARAMS = "attention_params"
+
+
+class AttentionFieldError(ValueError):
+    """A request's attention choice is invalid or cannot run here; becomes a 400 naming `param`."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param = param
+        self.message = message
+
+
+@dataclass(frozen=True)
+class AttentionRequest:
+    """The attention choice as found in the body, before validation."""
+
+    top_level: Any = None  # the `attention` field (None: absent)
+    xargs: dict[str, Any] | None = None  # our keys of `vllm_xargs`, if any
+
+    @property
+    def strategy_field(self) -> str:
+        if self.xargs is None:
+            return "attention.strategy"
+        if XARGS_ATTENTION in self.xargs:
+            return f"vllm_xargs.{XARGS_ATTENTION}.strategy"
+        return f"vllm_xargs.{XARGS_STRATEGY}"
+
+    @property
+    def params_field(self) -> str:
+        if self.xargs is None:
+            return "attention.params"
+        if XARGS_ATTENTION in self.xargs:
+            return f"vllm_xargs.{XARGS_ATTENTION}.params"
+        return f"vllm_xargs.{XARGS_PARAMS}"
+
+
+def pop_attention_request(body: dict[str, Any]) -> AttentionRequest:
+    """Remove every spelling of the attention choice from `body` (vLLM must not see ours)."""
+    top_level = body.pop("attention", None)
+    xargs = body.get("vllm_xargs")
+    ours = None
+    if isinstance(xargs, dict):
+        ours = {k: xargs.pop(k) for k in (XARGS_ATTENTION, XARGS_STRATEGY, XARGS_PARAMS) if k in xargs}
+        if not xargs:
+            body["vllm_xargs"] = None
+    if top_level is not None and ours:
+        raise AttentionFieldError(
+            "attention",
+            "the attention choice was given twice (the `attention` field and `vllm_xargs`); "
+            "use one of them",
+        )
+    return AttentionRequest(top_level=top_level, xargs=ours or None)
+
+
+@dataclass(frozen=True)
+class AttentionPolicy:
+    """What this server accepts: the registry's strategies, the default, the model's facts."""
+
+    default_strategy: str
+    model_facts: Any = None  # strategies.base.ModelFacts, for capability checks
+
+    def resolve(self, requested: AttentionRequest) -> Any:
+        """Validate a request's choice → `strategies.registry.AttentionChoice`, or raise
+        AttentionFieldError naming the field and what is allowed."""
+        from strategies.base import ParamError
+        from strategies.registry import get, parse_attention, parse_vllm_xargs
+
+        try:
+            if requested.xargs is not None:
+                choice = parse_vllm_xargs(requested.xargs)
+            else:
+                choice = parse_attention(requested.top_level, "attention")
+            if choice is None:
+                choice = parse_attention({"strategy": self.default_strategy}, "attention")
+            reasons = self.unsupported_reasons(choice.strategy)
+            if reasons:
+                raise AttentionFieldError(
+                    requested.strategy_field,
+                    f"strategy {choice.strategy!r} cannot run on this server: " + "; ".join(reasons),
+                )
+            if self.model_facts is not None:
+                try:
+                    get(choice.strategy).validate_for_model(choice.params, self.model_facts)
+                except ParamError as err:
+                    raise err.under(requested.params_field) from None
+        except ParamError as err:
+            raise AttentionFieldError(err.field, err.message) from None
+        return choice
+
+    def unsupported_reasons(self, strategy: str) -> list[str]:
+        if self.model_facts is None:
+            return []
+        from strategies.registry import get
+
+        return list(get(strategy).unsupported_reasons(self.model_facts))
+
+
+def model_facts_from_vllm_config(vllm_config: Any) -> Any:
+    """strategies.base.ModelFacts of the served model (whole-model head counts, not per rank)."""
+    from strategies.base import ModelFacts
+
+    model_config = vllm_config.model_config
+    text_config = model_config.hf_text_config
+    return ModelFacts(
+        num_layers=text_config.num_hidden_layers,
+        num_q_heads=text_config.num_attention_heads,
+        num_kv_heads=model_config.get_total_num_kv_heads(),
+        head_size=model_config.get_head_size(),
+        kv_block_size=vllm_config.cache_config.block_size,
+        max_model_len=model_config.max_model_len,
+        dtype=model_config.dtype,
+        model_id=str(model_config.model),
+    )
+
+
+def extra_args_for(choice: Any) -> dict[str, Any]:
+    """What attnserve adds to `SamplingParams.extra_args` (via the request's `vllm_xargs`)."""
+    return {EXTRA_ARGS_ATTENTION: choice.to_extra_args()}
+
+
+def read_attended_fraction(engine_ids: list[str], strategy: str) -> float | None:
+    """attended / total KV tokens over the request's engine requests (the ids given to
+    `AsyncLLM.generate`), from the workers' stats; None while unknown (1.0 for `full`)."""
+    from strategies import stats
+
+    attended = total = 0.0
+    for engine_id in engine_ids:
+        try:
+            record = stats.read_stats(engine_id)
+            stats.discard(engine_id)  # the request is over: its files are no longer needed
+        except OSError:
+            record = None
+        if record:
+            attended += float(record.get("attended", record.get("attended_tokens", 0.0)))
+            total += float(record.get("total", record.get("total_tokens", 0.0)))
+    if total > 0:
+        return attended / total
+    return 1.0 if strategy == "full" else None
+
+
+def attention_report(choice: Any, engine_ids: list[str]) -> dict[str, Any]:
+    """The `attention` object returned next to `usage`."""
+    extra = choice.to_extra_args()
+    return {
+        "strategy": extra["strategy"],
+        "params": extra.get("params", {}),
+        "attended_fraction": read_attended_fraction(engine_ids, extra["strategy"]),
+    }

@@ -1,0 +1,88 @@
+"""`attnserve serve` settings and their translation into vLLM's own server arguments."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+
+GiB = 1 << 30
+
+DEFAULT_PORT = 8000
+DEFAULT_MAX_MODEL_LEN = 8192
+DEFAULT_KV_CACHE_GIB = 2.0
+DEFAULT_STRATEGY = "full"
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    model: str  # a local HF folder or hub id (already resolved: the embedded model is a folder)
+    served_model_name: str
+    host: str = "0.0.0.0"
+    port: int = DEFAULT_PORT
+    max_model_len: int | None = DEFAULT_MAX_MODEL_LEN
+    kv_cache_gib: float | None = DEFAULT_KV_CACHE_GIB
+    gpu_memory_utilization: float | None = None
+    default_strategy: str = DEFAULT_STRATEGY
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    distributed_executor_backend: str | None = None
+    engine_args: tuple[tuple[str, str], ...] = field(default_factory=tuple)  # (key, value)
+    log_level: str = "info"
+
+    def vllm_argv(self) -> list[str]:
+        """The argument list for vLLM's server parser (`make_arg_parser`)."""
+        argv = [
+            "--model", self.model,
+            "--served-model-name", self.served_model_name,
+            "--host", self.host,
+            "--port", str(self.port),
+            "--tensor-parallel-size", str(self.tensor_parallel_size),
+            "--pipeline-parallel-size", str(self.pipeline_parallel_size),
+            "--uvicorn-log-level", self.log_level,
+            # Our routing attention backend runs eagerly (opaque custom op, no CUDA graphs).
+            "--enforce-eager",
+        ]
+        if self.max_model_len is not None:
+            argv += ["--max-model-len", str(self.max_model_len)]
+        if self.kv_cache_gib is not None:
+            # On CPU this is VLLM_CPU_KVCACHE_SPACE's engine-arg twin; on GPU an explicit size.
+            argv += ["--kv-cache-memory-bytes", str(int(self.kv_cache_gib * GiB))]
+        if self.gpu_memory_utilization is not None:
+            argv += ["--gpu-memory-utilization", str(self.gpu_memory_utilization)]
+        if self.distributed_executor_backend is not None:
+            argv += ["--distributed-executor-backend", self.distributed_executor_backend]
+        for key, value in self.engine_args:
+            argv += engine_arg_to_argv(key, value)
+        return argv
+
+    def vllm_namespace(self) -> argparse.Namespace:
+        """vLLM's full server Namespace (all of its defaults), as its own `init_app_state` wants."""
+        from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
+        from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+        parser = make_arg_parser(FlexibleArgumentParser(prog="attnserve serve", exit_on_error=False))
+        args = parser.parse_args(self.vllm_argv())
+        validate_parsed_serve_args(args)
+        return args
+
+
+def parse_engine_arg(text: str) -> tuple[str, str]:
+    """`KEY=VALUE` (KEY in vLLM's spelling, `max_num_seqs` or `max-num-seqs`); a bare KEY is a
+    boolean flag set to true."""
+    key, sep, value = text.partition("=")
+    key = key.strip().lstrip("-")
+    if not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    if not sep:
+        value = "true"
+    return key.replace("_", "-"), value
+
+
+def engine_arg_to_argv(key: str, value: str) -> list[str]:
+    """Booleans become vLLM's `--flag` / `--no-flag`; everything else `--key value`."""
+    lowered = value.strip().lower()
+    if lowered in ("true", "yes", "on"):
+        return [f"--{key}"]
+    if lowered in ("false", "no", "off"):
+        return [f"--no-{key}"]
+    return [f"--{key}", value]

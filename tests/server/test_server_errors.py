@@ -1,0 +1,135 @@
+"""Bad input is a 4xx in OpenAI's error shape naming the field and what is allowed; the server keeps
+serving afterwards."""
+
+import json
+from dataclasses import dataclass, field
+
+import pytest
+
+COMPLETIONS = "/v1/completions"
+CHAT = "/v1/chat/completions"
+MESSAGES = [{"role": "user", "content": "Hi"}]
+LONG_PROMPT = "hello " * 9000  # > 8192 tokens
+
+
+@dataclass(frozen=True)
+class BadInput:
+    id: str
+    path: str
+    body: dict | str  # a str is sent verbatim (malformed JSON)
+    param: str | None
+    says: tuple[str, ...] = ()  # substrings of the message (what is allowed)
+    status: int = 400
+    extra: dict = field(default_factory=dict)
+
+
+def completion(**fields):
+    return {"prompt": "Hello", "max_tokens": 4, **fields}
+
+
+def chat(**fields):
+    return {"messages": MESSAGES, "max_tokens": 4, **fields}
+
+
+def valid_strategies() -> tuple[str, ...]:
+    from strategies.registry import names
+
+    return tuple(names())
+
+
+BAD_INPUTS = [
+    BadInput("unknown-strategy", COMPLETIONS, completion(attention={"strategy": "nope"}),
+             "attention.strategy", valid_strategies()),
+    BadInput("unknown-strategy-chat", CHAT, chat(attention={"strategy": "nope"}),
+             "attention.strategy", valid_strategies()),
+    BadInput("strategy-wrong-type", CHAT, chat(attention={"strategy": 3}), "attention.strategy",
+             valid_strategies()),
+    BadInput("attention-wrong-type", COMPLETIONS, completion(attention=5), "attention",
+             ("strategy",)),
+    BadInput("attention-unknown-key", COMPLETIONS,
+             completion(attention={"strategy": "sink", "budget": 3}), "attention.budget",
+             ("strategy", "params")),
+    BadInput("unknown-param", COMPLETIONS,
+             completion(attention={"strategy": "sink", "params": {"bogus": 1}}),
+             "attention.params.bogus", ("n_sink", "window")),
+    BadInput("param-out-of-range", CHAT,
+             chat(attention={"strategy": "sink", "params": {"window": -5}}),
+             "attention.params.window", ("window",)),
+    BadInput("param-wrong-type", COMPLETIONS,
+             completion(attention={"strategy": "sink", "params": {"window": "wide"}}),
+             "attention.params.window", ("integer",)),
+    BadInput("xargs-unknown-strategy", COMPLETIONS,
+             completion(vllm_xargs={"attention_strategy": "nope"}),
+             "vllm_xargs.attention_strategy", valid_strategies()),
+    BadInput("xargs-bad-json", COMPLETIONS,
+             completion(vllm_xargs={"attention_strategy": "sink", "attention_params": "{window"}),
+             "vllm_xargs.attention_params", ("JSON",)),
+    BadInput("xargs-param-out-of-range", CHAT,
+             chat(vllm_xargs={"attention": json.dumps({"strategy": "sink",
+                                                       "params": {"window": 0}})}),
+             "vllm_xargs.attention.params.window", ("window",)),
+    BadInput("attention-given-twice", COMPLETIONS,
+             completion(attention={"strategy": "full"}, vllm_xargs={"attention_strategy": "sink"}),
+             "attention", ("twice",)),
+    BadInput("strategy-cannot-run", COMPLETIONS,
+             completion(attention={"strategy": "seer",
+                                   "params": {"gates": "/nonexistent/gates.safetensors"}}),
+             "attention.params.gates", ("gates",)),
+    BadInput("prompt-too-long", COMPLETIONS, completion(prompt=LONG_PROMPT), "prompt",
+             ("8192",)),
+    BadInput("messages-too-long", CHAT,
+             chat(messages=[{"role": "user", "content": LONG_PROMPT}]), "messages", ("8192",)),
+    BadInput("max-tokens-zero", COMPLETIONS, completion(max_tokens=0), "max_tokens",
+             ("at least 1",)),
+    BadInput("max-tokens-negative-chat", CHAT, chat(max_tokens=-1), "max_tokens"),
+    BadInput("max-tokens-too-large", COMPLETIONS, completion(max_tokens=100_000), "max_tokens",
+             ("8192",)),
+    BadInput("max-tokens-wrong-type", COMPLETIONS, completion(max_tokens="many"), "max_tokens",
+             ("integer",)),
+    BadInput("temperature-wrong-type", CHAT, chat(temperature="hot"), "temperature",
+             ("number",)),
+    BadInput("n-zero", COMPLETIONS, completion(n=0), "n"),
+    BadInput("messages-wrong-type", CHAT, chat(messages="hi"), "messages"),
+    BadInput("malformed-json", COMPLETIONS, '{"prompt": "Hello", ', None, ("JSON",)),
+    BadInput("body-not-an-object", CHAT, "[1, 2, 3]", None, ("object",)),
+    BadInput("unknown-model", COMPLETIONS, completion(model="no-such-model"), "model",
+             ("no-such-model",), status=404),
+]
+
+
+@pytest.mark.parametrize("bad", BAD_INPUTS, ids=[b.id for b in BAD_INPUTS])
+def test_bad_input_is_a_4xx_naming_the_field(http, attnserve_server, bad):
+    if isinstance(bad.body, str):
+        response = http.post(bad.path, content=bad.body,
+                             headers={"content-type": "application/json"})
+    else:
+        response = http.post(bad.path, json={"model": attnserve_server.model, **bad.body})
+    assert response.status_code == bad.status, response.text
+    error = response.json()["error"]
+    assert set(error) >= {"message", "type", "param", "code"}
+    assert error["param"] == bad.param, error
+    for text in bad.says:
+        assert text in error["message"], error
+    # The server keeps serving.
+    follow_up = http.post(COMPLETIONS, json={"model": attnserve_server.model, "prompt": "Hi",
+                                             "max_tokens": 1})
+    assert follow_up.status_code == 200, follow_up.text
+
+
+def test_openai_client_raises_bad_request_with_param(openai_client, attnserve_server):
+    import openai
+
+    with pytest.raises(openai.BadRequestError) as raised:
+        openai_client.chat.completions.create(
+            model=attnserve_server.model, messages=MESSAGES, max_tokens=4,
+            extra_body={"attention": {"strategy": "nope"}})
+    assert raised.value.body["param"] == "attention.strategy"
+    assert "full" in raised.value.body["message"]
+
+
+def test_bad_streaming_request_is_a_4xx_before_streaming(http, attnserve_server):
+    body = {"model": attnserve_server.model, **completion(stream=True,
+                                                           attention={"strategy": "nope"})}
+    response = http.post(COMPLETIONS, json=body)
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == "attention.strategy"
