@@ -55,5 +55,22 @@ test: setup
 bench: setup
 	$(BIN)/python -m bench.kernels
 
+# Load test (Locust, headless) against BASE_URL; without BASE_URL it starts its own server.
+# The report (report.md/.json/.png) lands in LOADTEST_OUT.
+BASE_URL ?=
+USERS ?= 8
+SPAWN_RATE ?= 4
+DURATION ?= 60s
+STRATEGIES ?= listed
+PROMPT_LENGTHS ?= 32:2,128:1
+MAX_TOKENS ?= 16
+LOADTEST_OUT ?= loadtest-report
+LOADTEST_ARGS ?=
+loadtest: setup
+	$(BIN)/python -m loadtests $(if $(BASE_URL),--base-url $(BASE_URL),--start-server) \
+		--users $(USERS) --spawn-rate $(SPAWN_RATE) --duration $(DURATION) \
+		--strategies $(STRATEGIES) --prompt-lengths $(PROMPT_LENGTHS) --max-tokens $(MAX_TOKENS) \
+		--out $(LOADTEST_OUT) $(LOADTEST_ARGS)
+
 clean:
 	rm -rf .make build strategies/*.so
