@@ -1,0 +1,47 @@
+// Schemas of the attnserve ops (docs/design.md section 4). Kernels register per device:
+// csrc/cpu/*.cpp with TORCH_LIBRARY_IMPL(attnserve, CPU, m), csrc/cuda/binding.cpp with
+// TORCH_LIBRARY_IMPL(attnserve, CUDA, m). Fake (meta) kernels live in strategies/ops.py.
+//
+// Shapes: B sequences, Hq query heads, Hkv KV heads, G = Hq / Hkv, D head size.
+// key_cache / value_cache: [num_blocks, Hkv, page, D], last dim contiguous, other strides free.
+// Index tensors are int32. Padding past num_idx in token_idx / sel_idx is 0 (mass: 0).
+#include <Python.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(attnserve, m) {
+  // -> (out [B, Hq, D] query dtype, mass [B, Hkv, K] fp32, or [0] when !want_mass)
+  m.def(
+      "sparse_paged_attention(Tensor query, Tensor key_cache, Tensor value_cache, "
+      "Tensor block_table, Tensor token_idx, Tensor num_idx, float scale, bool want_mass) "
+      "-> (Tensor, Tensor)");
+  // -> out [T, Hq, D] query dtype
+  m.def(
+      "paged_prefill_attention(Tensor query, Tensor key_cache, Tensor value_cache, "
+      "Tensor block_table, Tensor query_start_loc, Tensor seq_lens, float scale, int n_sink, "
+      "int window, Tensor? block_mask, int mask_block) -> Tensor");
+  // kmin / kmax [num_blocks, Hkv, page / chunk, D] fp32, updated in place
+  m.def(
+      "landmark_update_summaries(Tensor key_cache, Tensor block_table, Tensor start_pos, "
+      "Tensor seq_lens, int chunk, Tensor(a!) kmin, Tensor(b!) kmax) -> ()");
+  // -> (token_idx [B, Hkv, K], num_idx [B, Hkv]), K = min((k_chunks + 2) * chunk, MB * page)
+  m.def(
+      "landmark_select(Tensor query, Tensor kmin, Tensor kmax, Tensor block_table, "
+      "Tensor seq_lens, int chunk, int k_chunks) -> (Tensor, Tensor)");
+  // pooled [num_blocks, Hkv, page / pool, 3 * D] fp32 = (max, min, mean), updated in place
+  m.def(
+      "seer_pool_keys(Tensor key_cache, Tensor block_table, Tensor start_pos, Tensor seq_lens, "
+      "int pool, Tensor(a!) pooled) -> ()");
+  // -> (token_idx [B, Hkv, K], num_idx [B, Hkv], probs [B, Hkv, NB] fp32),
+  //    K = NB * pool if top_k <= 0 else min(top_k + 1, NB) * pool
+  m.def(
+      "seer_select(Tensor q_gate, Tensor k_gate, Tensor num_blocks, int pool, Tensor seq_lens, "
+      "float threshold, int top_k) -> (Tensor, Tensor, Tensor)");
+  // -> (sel_idx [B, Hkv, k], sel_num [B, Hkv])
+  m.def(
+      "topk_from_mass(Tensor mass, Tensor token_idx, Tensor num_idx, int k) -> (Tensor, Tensor)");
+}
+
+// `import strategies._C` loads this library, which registers the ops above.
+static struct PyModuleDef attnserve_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+
+PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&attnserve_module); }

@@ -1,0 +1,294 @@
+// Block summaries and token selection on CPU: landmark (Quest min/max bound), seer (pooled keys,
+// block gate) and top-k by attention mass. Parallel over (sequence, KV head) or over chunks.
+#include <omp.h>
+
+#include <algorithm>
+#include <numeric>
+#include <vector>
+
+#include "common.h"
+#include "ops.h"
+
+namespace attnserve {
+namespace {
+
+struct Chunk {  // one summary slot to recompute: tokens [first, last) of sequence b
+  int b, first, last;
+  int64_t block;
+  int slot;
+};
+
+// Chunks touching [start_pos[b], seq_lens[b]) for every b; a summary slot is (block, slot).
+std::vector<Chunk> chunks_to_update(const at::Tensor& block_table, const at::Tensor& start_pos,
+                                    const at::Tensor& seq_lens, int chunk, int page) {
+  const at::Tensor starts = start_pos.contiguous(), lens = seq_lens.contiguous();
+  const int32_t* s = starts.data_ptr<int32_t>();
+  const int32_t* l = lens.data_ptr<int32_t>();
+  const int32_t* table = block_table.data_ptr<int32_t>();
+  std::vector<Chunk> chunks;
+  for (int b = 0; b < starts.size(0); ++b) {
+    for (int c = std::max(0, s[b]) / chunk; c * chunk < l[b]; ++c) {
+      const int first = c * chunk;
+      chunks.push_back({b, first, std::min(first + chunk, (int)l[b]),
+                        table[b * block_table.stride(0) + first / page], (first % page) / chunk});
+    }
+  }
+  return chunks;
+}
+
+template <typename scalar_t>
+void summarise_chunks(const at::Tensor& key_cache, const std::vector<Chunk>& chunks,
+                      int chunk, float* kmin, float* kmax, float* kmean) {
+  // Output slot (block, head, slot) is [D] at ((block * Hkv + head) * slots + slot) * width.
+  const CacheView view = make_view(key_cache);
+  const int Hkv = key_cache.size(1), page = key_cache.size(2), D = key_cache.size(3);
+  const int slots = page / chunk;
+  const int width = kmean ? 3 * D : D;  // seer: (max, min, mean) in one row
+  const int n = chunks.size();
+#pragma omp parallel for schedule(dynamic, 4) num_threads(at::get_num_threads())
+  for (int i = 0; i < n * Hkv; ++i) {
+    const Chunk& c = chunks[i / Hkv];
+    const int g = i % Hkv;
+    std::vector<float> row(D), lo(D, INFINITY), hi(D, -INFINITY), sum(D, 0.f);
+    for (int t = c.first; t < c.last; ++t) {
+      load_row(cache_row<scalar_t>(view, c.block, g, t % page), view.stride_dim, row.data(), D);
+      for (int d = 0; d < D; ++d) {
+        lo[d] = std::min(lo[d], row[d]);
+        hi[d] = std::max(hi[d], row[d]);
+        sum[d] += row[d];
+      }
+    }
+    const int64_t offset = ((c.block * Hkv + g) * slots + c.slot) * width;
+    if (kmean) {  // seer: [max | min | mean]
+      float* out = kmean + offset;
+      const float inv = 1.f / (c.last - c.first);
+      for (int d = 0; d < D; ++d) {
+        out[d] = hi[d];
+        out[D + d] = lo[d];
+        out[2 * D + d] = sum[d] * inv;
+      }
+    } else {
+      std::copy(lo.begin(), lo.end(), kmin + offset);
+      std::copy(hi.begin(), hi.end(), kmax + offset);
+    }
+  }
+}
+
+// Ascending ids: `forced` + the k best of the others by score (desc; ties: lower id).
+std::vector<int> top_with_forced(const std::vector<float>& scores, int k, int forced_a,
+                                 int forced_b) {
+  const int n = scores.size();
+  std::vector<int> others;
+  for (int j = 0; j < n; ++j) {
+    if (j != forced_a && j != forced_b) others.push_back(j);
+  }
+  const int keep = std::max(0, std::min<int>(k, others.size()));
+  auto better = [&](int a, int b) { return scores[a] > scores[b] || (scores[a] == scores[b] && a < b); };
+  std::partial_sort(others.begin(), others.begin() + keep, others.end(), better);
+  others.resize(keep);
+  if (forced_a >= 0 && forced_a < n) others.push_back(forced_a);
+  if (forced_b >= 0 && forced_b < n && forced_b != forced_a) others.push_back(forced_b);
+  std::sort(others.begin(), others.end());
+  return others;
+}
+
+// Tokens of ascending chunks (< seq_len) into out; returns their count (<= K).
+int expand_chunks(const std::vector<int>& chunks, int chunk, int seq_len, int K, int32_t* out) {
+  int n = 0;
+  for (int c : chunks) {
+    for (int t = c * chunk; t < std::min((c + 1) * chunk, seq_len) && n < K; ++t) out[n++] = t;
+  }
+  return n;
+}
+
+}  // namespace
+
+void landmark_update_summaries_cpu(const at::Tensor& key_cache, const at::Tensor& block_table,
+                                   const at::Tensor& start_pos, const at::Tensor& seq_lens,
+                                   int64_t chunk, at::Tensor& kmin, at::Tensor& kmax) {
+  check_cache(key_cache, "key_cache");
+  check_int32(block_table, "block_table");
+  check_int32(start_pos, "start_pos");
+  check_int32(seq_lens, "seq_lens");
+  check_fp32_contiguous(kmin, "kmin");
+  check_fp32_contiguous(kmax, "kmax");
+  const int page = key_cache.size(2);
+  TORCH_CHECK(chunk > 0 && page % chunk == 0, "chunk must divide the page size");
+  TORCH_CHECK(kmin.sizes() == kmax.sizes() && kmin.size(2) == page / chunk &&
+                  kmin.size(3) == key_cache.size(3) && kmin.size(1) == key_cache.size(1),
+              "kmin/kmax must be [num_blocks, Hkv, page / chunk, D]");
+  const at::Tensor table = block_table.contiguous();
+  const auto chunks = chunks_to_update(table, start_pos, seq_lens, chunk, page);
+  if (key_cache.scalar_type() == at::kBFloat16) {
+    summarise_chunks<c10::BFloat16>(key_cache, chunks, chunk, kmin.data_ptr<float>(),
+                                    kmax.data_ptr<float>(), nullptr);
+  } else {
+    summarise_chunks<float>(key_cache, chunks, chunk, kmin.data_ptr<float>(),
+                            kmax.data_ptr<float>(), nullptr);
+  }
+}
+
+void seer_pool_keys_cpu(const at::Tensor& key_cache, const at::Tensor& block_table,
+                        const at::Tensor& start_pos, const at::Tensor& seq_lens, int64_t pool,
+                        at::Tensor& pooled) {
+  check_cache(key_cache, "key_cache");
+  check_int32(block_table, "block_table");
+  check_int32(start_pos, "start_pos");
+  check_int32(seq_lens, "seq_lens");
+  check_fp32_contiguous(pooled, "pooled");
+  const int page = key_cache.size(2);
+  TORCH_CHECK(pool > 0 && page % pool == 0, "pool must divide the page size");
+  TORCH_CHECK(pooled.dim() == 4 && pooled.size(1) == key_cache.size(1) &&
+                  pooled.size(2) == page / pool && pooled.size(3) == 3 * key_cache.size(3),
+              "pooled must be [num_blocks, Hkv, page / pool, 3 * D]");
+  const at::Tensor table = block_table.contiguous();
+  const auto chunks = chunks_to_update(table, start_pos, seq_lens, pool, page);
+  if (key_cache.scalar_type() == at::kBFloat16) {
+    summarise_chunks<c10::BFloat16>(key_cache, chunks, pool, nullptr, nullptr,
+                                    pooled.data_ptr<float>());
+  } else {
+    summarise_chunks<float>(key_cache, chunks, pool, nullptr, nullptr, pooled.data_ptr<float>());
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> landmark_select_cpu(
+    const at::Tensor& query, const at::Tensor& kmin, const at::Tensor& kmax,
+    const at::Tensor& block_table, const at::Tensor& seq_lens, int64_t chunk, int64_t k_chunks) {
+  check_fp32_contiguous(kmin, "kmin");
+  check_fp32_contiguous(kmax, "kmax");
+  check_int32(block_table, "block_table");
+  check_int32(seq_lens, "seq_lens");
+  const int B = query.size(0), Hq = query.size(1), D = query.size(2);
+  const int Hkv = kmin.size(1), slots = kmin.size(2);
+  const int page = slots * chunk, G = Hq / Hkv;
+  TORCH_CHECK(Hq % Hkv == 0 && kmin.size(3) == D, "query / summary shapes disagree");
+  const int K = std::min<int64_t>((k_chunks + 2) * chunk, block_table.size(1) * (int64_t)page);
+  const at::Tensor q = query.to(at::kFloat).contiguous();
+  const at::Tensor table = block_table.contiguous(), lens = seq_lens.contiguous();
+  at::Tensor token_idx = at::zeros({B, Hkv, K}, table.options());
+  at::Tensor num_idx = at::zeros({B, Hkv}, table.options());
+  const float* q_ptr = q.data_ptr<float>();
+  const float* lo_ptr = kmin.data_ptr<float>();
+  const float* hi_ptr = kmax.data_ptr<float>();
+  const int32_t* table_ptr = table.data_ptr<int32_t>();
+  const int32_t* len_ptr = lens.data_ptr<int32_t>();
+  int32_t* idx_ptr = token_idx.data_ptr<int32_t>();
+  int32_t* num_ptr = num_idx.data_ptr<int32_t>();
+  const int64_t table_stride = table.size(1);
+#pragma omp parallel for schedule(dynamic, 1) num_threads(at::get_num_threads())
+  for (int bg = 0; bg < B * Hkv; ++bg) {
+    const int b = bg / Hkv, g = bg % Hkv;
+    const int seq_len = len_ptr[b];
+    const int n_chunks = (seq_len + chunk - 1) / chunk;
+    std::vector<float> scores(n_chunks);
+    const float* q_group = q_ptr + (int64_t)bg * G * D;  // [G, D]
+    for (int c = 0; c < n_chunks; ++c) {
+      const int64_t block = table_ptr[b * table_stride + (int64_t)c * chunk / page];
+      const int64_t offset = ((block * Hkv + g) * slots + (c * chunk % page) / chunk) * D;
+      const float* lo = lo_ptr + offset;
+      const float* hi = hi_ptr + offset;
+      float score = 0.f;
+      for (int h = 0; h < G; ++h) {
+        const float* qh = q_group + h * D;
+#pragma omp simd reduction(+ : score)
+        for (int d = 0; d < D; ++d) score += std::max(qh[d] * hi[d], qh[d] * lo[d]);
+      }
+      scores[c] = score;
+    }
+    const auto chosen = n_chunks > 0 ? top_with_forced(scores, k_chunks, 0, n_chunks - 1)
+                                     : std::vector<int>{};
+    num_ptr[bg] = expand_chunks(chosen, chunk, seq_len, K, idx_ptr + (int64_t)bg * K);
+  }
+  return {token_idx, num_idx};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> seer_select_cpu(
+    const at::Tensor& q_gate, const at::Tensor& k_gate, const at::Tensor& num_blocks,
+    int64_t pool, const at::Tensor& seq_lens, double threshold, int64_t top_k) {
+  check_int32(num_blocks, "num_blocks");
+  check_int32(seq_lens, "seq_lens");
+  TORCH_CHECK(q_gate.dim() == 3 && k_gate.dim() == 4, "q_gate [B, Hkv, Dg], k_gate [B, Hkv, NB, Dg]");
+  const int B = k_gate.size(0), Hkv = k_gate.size(1), NB = k_gate.size(2), Dg = k_gate.size(3);
+  const int K = top_k <= 0 ? NB * pool : std::min<int64_t>(top_k + 1, NB) * pool;
+  const at::Tensor q = q_gate.to(at::kFloat).contiguous(), k = k_gate.to(at::kFloat).contiguous();
+  const at::Tensor counts = num_blocks.contiguous(), lens = seq_lens.contiguous();
+  const auto index_options = num_blocks.options();
+  at::Tensor token_idx = at::zeros({B, Hkv, K}, index_options);
+  at::Tensor num_idx = at::zeros({B, Hkv}, index_options);
+  at::Tensor probs = at::zeros({B, Hkv, NB}, q.options());
+  const float* q_ptr = q.data_ptr<float>();
+  const float* k_ptr = k.data_ptr<float>();
+  const int32_t* count_ptr = counts.data_ptr<int32_t>();
+  const int32_t* len_ptr = lens.data_ptr<int32_t>();
+  int32_t* idx_ptr = token_idx.data_ptr<int32_t>();
+  int32_t* num_ptr = num_idx.data_ptr<int32_t>();
+  float* prob_ptr = probs.data_ptr<float>();
+  const float inv_sqrt = 1.f / std::sqrt((float)Dg);
+#pragma omp parallel for schedule(dynamic, 1) num_threads(at::get_num_threads())
+  for (int bg = 0; bg < B * Hkv; ++bg) {
+    const int b = bg / Hkv;
+    const int nb = std::min(count_ptr[b], NB);
+    if (nb <= 0) continue;
+    const float* qv = q_ptr + (int64_t)bg * Dg;
+    std::vector<float> p(nb);
+    float max_logit = -INFINITY;
+    for (int j = 0; j < nb; ++j) {
+      const float* kv = k_ptr + ((int64_t)bg * NB + j) * Dg;
+      float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+      for (int d = 0; d < Dg; ++d) dot += qv[d] * kv[d];
+      p[j] = dot * inv_sqrt;
+      max_logit = std::max(max_logit, p[j]);
+    }
+    float sum = 0.f;
+    for (int j = 0; j < nb; ++j) sum += (p[j] = std::exp(p[j] - max_logit));
+    for (int j = 0; j < nb; ++j) prob_ptr[(int64_t)bg * NB + j] = (p[j] /= sum);
+    std::vector<int> chosen;
+    if (top_k <= 0) {
+      for (int j = 0; j < nb; ++j) {
+        if (p[j] >= threshold || j == nb - 1) chosen.push_back(j);
+      }
+    } else {
+      chosen = top_with_forced(p, top_k, nb - 1, -1);
+    }
+    num_ptr[bg] = expand_chunks(chosen, pool, len_ptr[b], K, idx_ptr + (int64_t)bg * K);
+  }
+  return {token_idx, num_idx, probs};
+}
+
+std::tuple<at::Tensor, at::Tensor> topk_from_mass_cpu(const at::Tensor& mass,
+                                                      const at::Tensor& token_idx,
+                                                      const at::Tensor& num_idx, int64_t k) {
+  check_int32(token_idx, "token_idx");
+  check_int32(num_idx, "num_idx");
+  const int B = token_idx.size(0), Hkv = token_idx.size(1), K = token_idx.size(2);
+  TORCH_CHECK(k >= 0, "k must be >= 0");
+  const at::Tensor m = mass.to(at::kFloat).contiguous();
+  const at::Tensor idx = token_idx.contiguous(), counts = num_idx.contiguous();
+  at::Tensor sel_idx = at::zeros({B, Hkv, k}, idx.options());
+  at::Tensor sel_num = at::zeros({B, Hkv}, idx.options());
+  const float* m_ptr = m.data_ptr<float>();
+  const int32_t* idx_ptr = idx.data_ptr<int32_t>();
+  const int32_t* count_ptr = counts.data_ptr<int32_t>();
+  int32_t* out_ptr = sel_idx.data_ptr<int32_t>();
+  int32_t* out_num = sel_num.data_ptr<int32_t>();
+#pragma omp parallel for schedule(dynamic, 1) num_threads(at::get_num_threads())
+  for (int bg = 0; bg < B * Hkv; ++bg) {
+    const int n = std::max(0, std::min(count_ptr[bg], K));
+    const float* w = m_ptr + (int64_t)bg * K;
+    const int32_t* pos = idx_ptr + (int64_t)bg * K;
+    std::vector<int> order(n);
+    std::iota(order.begin(), order.end(), 0);
+    const int keep = std::min<int64_t>(k, n);
+    std::partial_sort(order.begin(), order.begin() + keep, order.end(), [&](int a, int b) {
+      return w[a] > w[b] || (w[a] == w[b] && pos[a] < pos[b]);
+    });
+    int32_t* out = out_ptr + (int64_t)bg * k;
+    for (int i = 0; i < keep; ++i) out[i] = pos[order[i]];
+    std::sort(out, out + keep);
+    out_num[bg] = keep;
+  }
+  return {sel_idx, sel_num};
+}
+
+}  // namespace attnserve

@@ -1,0 +1,167 @@
+"""The only caller of torch.ops.attnserve.* (docs/design.md section 4).
+
+Loads the compiled extension (strategies._C) when it is built, registers a fake (meta) kernel for
+every op so tracing works, and exposes thin wrappers that run the compiled kernel when one exists
+for the tensors' device, otherwise the pure-torch twin in strategies.reference.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from strategies import reference
+
+try:
+    import strategies._C  # noqa: F401  (registers torch.ops.attnserve.*)
+    EXTENSION_ERROR: Optional[str] = None
+except ImportError as error:
+    EXTENSION_ERROR = str(error)
+
+OP_NAMES = ("sparse_paged_attention", "paged_prefill_attention", "landmark_update_summaries",
+            "landmark_select", "seer_pool_keys", "seer_select", "topk_from_mass")
+
+
+def extension_loaded() -> bool:
+    return EXTENSION_ERROR is None
+
+
+def _dispatch_key(device: torch.device | str) -> str:
+    device_type = torch.device(device).type
+    return {"cpu": "CPU", "cuda": "CUDA", "meta": "Meta"}.get(device_type, device_type.upper())
+
+
+_compiled_cache: dict[tuple[str, str], bool] = {}
+
+
+def has_compiled(name: str, device: torch.device | str) -> bool:
+    """True when torch.ops.attnserve.<name> has a kernel for `device` (cpu / cuda)."""
+    key = (name, _dispatch_key(device))
+    if key not in _compiled_cache:
+        try:
+            _compiled_cache[key] = extension_loaded() and torch._C._dispatch_has_kernel_for_dispatch_key(
+                f"attnserve::{name}", key[1])
+        except RuntimeError:  # a device type without a dispatch key of that name
+            _compiled_cache[key] = False
+    return _compiled_cache[key]
+
+
+def _op(name: str, device: torch.device):
+    """The compiled op for this device, or the reference twin. The compiled CPU kernels read both
+    cache layouts (head dim or token dim of stride 1: vLLM's CPU K is transposed per block)."""
+    if has_compiled(name, device):
+        return getattr(torch.ops.attnserve, name)
+    return getattr(reference, name)
+
+
+# ---- fake kernels (shapes only) -------------------------------------------------------------
+
+def _landmark_k(block_table: Tensor, kmin: Tensor, chunk: int, k_chunks: int) -> int:
+    return min((k_chunks + 2) * chunk, block_table.shape[1] * kmin.shape[2] * chunk)
+
+
+def _seer_k(nb: int, pool: int, top_k: int) -> int:
+    return nb * pool if top_k <= 0 else min(top_k + 1, nb) * pool
+
+
+if extension_loaded():
+    @torch.library.register_fake("attnserve::sparse_paged_attention")
+    def _(query, key_cache, value_cache, block_table, token_idx, num_idx, scale, want_mass):
+        mass_shape = tuple(token_idx.shape) if want_mass else (0,)
+        return torch.empty_like(query), query.new_empty(mass_shape, dtype=torch.float32)
+
+    @torch.library.register_fake("attnserve::paged_prefill_attention")
+    def _(query, key_cache, value_cache, block_table, query_start_loc, seq_lens, scale, n_sink,
+          window, block_mask, mask_block):
+        return torch.empty_like(query)
+
+    @torch.library.register_fake("attnserve::landmark_update_summaries")
+    def _(key_cache, block_table, start_pos, seq_lens, chunk, kmin, kmax):
+        return None
+
+    @torch.library.register_fake("attnserve::landmark_select")
+    def _(query, kmin, kmax, block_table, seq_lens, chunk, k_chunks):
+        B, Hkv = query.shape[0], kmin.shape[1]
+        K = _landmark_k(block_table, kmin, chunk, k_chunks)
+        return (query.new_empty((B, Hkv, K), dtype=torch.int32),
+                query.new_empty((B, Hkv), dtype=torch.int32))
+
+    @torch.library.register_fake("attnserve::seer_pool_keys")
+    def _(key_cache, block_table, start_pos, seq_lens, pool, pooled):
+        return None
+
+    @torch.library.register_fake("attnserve::seer_select")
+    def _(q_gate, k_gate, num_blocks, pool, seq_lens, threshold, top_k):
+        B, Hkv, NB = k_gate.shape[:3]
+        K = _seer_k(NB, pool, top_k)
+        return (q_gate.new_empty((B, Hkv, K), dtype=torch.int32),
+                q_gate.new_empty((B, Hkv), dtype=torch.int32),
+                q_gate.new_empty((B, Hkv, NB), dtype=torch.float32))
+
+    @torch.library.register_fake("attnserve::topk_from_mass")
+    def _(mass, token_idx, num_idx, k):
+        B, Hkv = token_idx.shape[:2]
+        return (token_idx.new_empty((B, Hkv, k), dtype=torch.int32),
+                token_idx.new_empty((B, Hkv), dtype=torch.int32))
+
+
+# ---- wrappers (signatures of design.md section 4) -------------------------------------------
+
+def sparse_paged_attention(query: Tensor, key_cache: Tensor, value_cache: Tensor,
+                           block_table: Tensor, token_idx: Tensor, num_idx: Tensor,
+                           scale: float, want_mass: bool = False) -> tuple[Tensor, Tensor]:
+    """query [B, Hq, D]; token_idx [B, Hkv, K], num_idx [B, Hkv] int32
+    -> (out [B, Hq, D], mass [B, Hkv, K] fp32 or empty)."""
+    return _op("sparse_paged_attention", query.device)(
+        query, key_cache, value_cache, block_table, token_idx, num_idx, float(scale),
+        bool(want_mass))
+
+
+def paged_prefill_attention(query: Tensor, key_cache: Tensor, value_cache: Tensor,
+                            block_table: Tensor, query_start_loc: Tensor, seq_lens: Tensor,
+                            scale: float, n_sink: int = 0, window: int = -1,
+                            block_mask: Optional[Tensor] = None, mask_block: int = 1) -> Tensor:
+    """query [T, Hq, D] (the last positions of each sequence) -> out [T, Hq, D]."""
+    return _op("paged_prefill_attention", query.device)(
+        query, key_cache, value_cache, block_table, query_start_loc, seq_lens, float(scale),
+        int(n_sink), int(window), block_mask, int(mask_block))
+
+
+def landmark_update_summaries(key_cache: Tensor, block_table: Tensor, start_pos: Tensor,
+                              seq_lens: Tensor, chunk: int, kmin: Tensor, kmax: Tensor) -> None:
+    """Refresh kmin/kmax [num_blocks, Hkv, page // chunk, D] fp32 for tokens [start_pos, seq_len)."""
+    _op("landmark_update_summaries", key_cache.device)(
+        key_cache, block_table, start_pos, seq_lens, int(chunk), kmin, kmax)
+
+
+def landmark_select(query: Tensor, kmin: Tensor, kmax: Tensor, block_table: Tensor,
+                    seq_lens: Tensor, chunk: int, k_chunks: int) -> tuple[Tensor, Tensor]:
+    """-> (token_idx [B, Hkv, min((k_chunks + 2) * chunk, MB * page)], num_idx [B, Hkv])."""
+    return _op("landmark_select", query.device)(
+        query, kmin, kmax, block_table, seq_lens, int(chunk), int(k_chunks))
+
+
+def seer_pool_keys(key_cache: Tensor, block_table: Tensor, start_pos: Tensor, seq_lens: Tensor,
+                   pool: int, pooled: Tensor) -> None:
+    """Refresh pooled [num_blocks, Hkv, page // pool, 3 * D] fp32 = (max, min, mean)."""
+    _op("seer_pool_keys", key_cache.device)(key_cache, block_table, start_pos, seq_lens,
+                                            int(pool), pooled)
+
+
+def seer_select(q_gate: Tensor, k_gate: Tensor, num_blocks: Tensor, pool: int, seq_lens: Tensor,
+                threshold: float, top_k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """-> (token_idx [B, Hkv, K], num_idx [B, Hkv], probs [B, Hkv, NB] fp32)."""
+    return _op("seer_select", q_gate.device)(
+        q_gate, k_gate, num_blocks, int(pool), seq_lens, float(threshold), int(top_k))
+
+
+def topk_from_mass(mass: Tensor, token_idx: Tensor, num_idx: Tensor,
+                   k: int) -> tuple[Tensor, Tensor]:
+    """-> (sel_idx [B, Hkv, k], sel_num [B, Hkv]): the k heaviest tokens, ascending."""
+    return _op("topk_from_mass", mass.device)(mass, token_idx, num_idx, int(k))
+
+
+def default_scale(head_size: int) -> float:
+    return 1.0 / math.sqrt(head_size)
