@@ -80,12 +80,84 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--log-level", default="info",
                         choices=["critical", "error", "warning", "info", "debug", "trace"])
+    add_production_arguments(parser)
+
+
+def _positive_or_none(kind: type) -> Callable[[str], object]:
+    """A bound: a positive number, or 0 / `none` for no bound."""
+    def parse(text: str):
+        if text.strip().lower() in ("none", "off", "0"):
+            return None
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number or 0/none, got {text!r}") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"expected a positive number or 0/none, got {text!r}")
+        return value
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def _csv(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def add_production_arguments(parser: argparse.ArgumentParser) -> None:
+    auth = parser.add_argument_group("authentication and CORS")
+    auth.add_argument(
+        "--api-key", dest="api_keys", action="append", default=[], metavar="KEY",
+        help="accept `Authorization: Bearer KEY` (repeatable); with no key from here, "
+             "--api-keys-file or $ATTNSERVE_API_KEYS the server is open",
+    )
+    auth.add_argument("--api-keys-file", dest="api_keys_files", action="append", default=[],
+                      metavar="PATH", help="a file with one API key per line (# comments)")
+    auth.add_argument("--protect-health", action="store_true",
+                      help="require the API key for /health too (default: open)")
+    auth.add_argument("--protect-metrics", action="store_true",
+                      help="require the API key for /metrics too (default: open)")
+    auth.add_argument("--cors-origins", type=_csv, default=[], metavar="ORIGINS",
+                      help="comma-separated origins allowed by CORS (`*` for any; default: none)")
+    auth.add_argument("--cors-methods", type=_csv, default=["*"], metavar="METHODS",
+                      help="comma-separated methods allowed by CORS (default: *)")
+    auth.add_argument("--cors-headers", type=_csv, default=["*"], metavar="HEADERS",
+                      help="comma-separated request headers allowed by CORS (default: *)")
+    auth.add_argument("--cors-allow-credentials", action="store_true",
+                      help="allow credentials in CORS requests")
+    limits = parser.add_argument_group("limits (0 or `none`: no bound)")
+    limits.add_argument(
+        "--max-concurrent-requests", type=_positive_or_none(int),
+        default=config.DEFAULT_MAX_CONCURRENT_REQUESTS, metavar="N",
+        help="running + queued generation requests; beyond it requests get 429 with Retry-After "
+             f"at once (default {config.DEFAULT_MAX_CONCURRENT_REQUESTS})",
+    )
+    limits.add_argument(
+        "--request-timeout", type=_positive_or_none(float), default=None, metavar="SECONDS",
+        help="abort a generation request in the engine after this long (504; default: none)",
+    )
+    limits.add_argument(
+        "--drain-timeout", type=float, default=config.DEFAULT_DRAIN_TIMEOUT_S, metavar="SECONDS",
+        help="on SIGTERM/SIGINT, how long in-flight requests may finish before they are aborted "
+             f"(default {config.DEFAULT_DRAIN_TIMEOUT_S:g})",
+    )
+    limits.add_argument("--max-tokens-limit", type=_positive_or_none(int), default=None,
+                        metavar="N", help="largest `max_tokens`/`max_completion_tokens` "
+                        "(requests without one get this; default: the context length)")
+    limits.add_argument("--max-n", type=_positive_or_none(int), default=config.DEFAULT_MAX_N,
+                        metavar="N", help=f"largest `n` (default {config.DEFAULT_MAX_N})")
+    limits.add_argument("--max-prompt-tokens", type=_positive_or_none(int), default=None,
+                        metavar="N", help="longest prompt in tokens (default: the context length)")
+    limits.add_argument("--max-body-bytes", type=_positive_or_none(int),
+                        default=config.DEFAULT_MAX_BODY_BYTES, metavar="BYTES",
+                        help="largest request body; beyond it 413 "
+                             f"(default {config.DEFAULT_MAX_BODY_BYTES})")
 
 
 def serve_settings(args: argparse.Namespace) -> config.ServeSettings:
     from pathlib import Path
 
     from server.model import EMBEDDED_MODEL_NAME, resolve_model
+    from server.production import load_api_keys
 
     model = resolve_model(args.model)
     if args.served_model_name:
@@ -110,6 +182,20 @@ def serve_settings(args: argparse.Namespace) -> config.ServeSettings:
         distributed_executor_backend=args.distributed_executor_backend,
         engine_args=tuple(args.engine_args),
         log_level=args.log_level,
+        api_keys=load_api_keys(args.api_keys, args.api_keys_files),
+        protect_health=args.protect_health,
+        protect_metrics=args.protect_metrics,
+        cors_origins=tuple(args.cors_origins),
+        cors_methods=tuple(args.cors_methods),
+        cors_headers=tuple(args.cors_headers),
+        cors_credentials=args.cors_allow_credentials,
+        max_concurrent_requests=args.max_concurrent_requests,
+        request_timeout=args.request_timeout,
+        drain_timeout=max(0.0, args.drain_timeout),
+        max_tokens_limit=args.max_tokens_limit,
+        max_n=args.max_n,
+        max_prompt_tokens=args.max_prompt_tokens,
+        max_body_bytes=args.max_body_bytes,
     )
 
 
@@ -120,7 +206,11 @@ def run_serve(args: argparse.Namespace) -> int:
         print(f"attnserve serve: --default-strategy {args.default_strategy!r} is unknown; "
               f"valid strategies: {', '.join(names())}", file=sys.stderr)
         return 2
-    settings = serve_settings(args)
+    try:
+        settings = serve_settings(args)
+    except OSError as err:  # an unreadable --api-keys-file
+        print(f"attnserve serve: {err}", file=sys.stderr)
+        return 2
 
     import uvloop
     from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
@@ -128,8 +218,9 @@ def run_serve(args: argparse.Namespace) -> int:
     from server.app import run_server
 
     cli_env_setup()  # vLLM's process start method (spawn) for its engine-core and workers
-    uvloop.run(run_server(settings))
-    return 0
+    # 0 after a clean shutdown (SIGTERM/SIGINT, in-flight requests drained); non-zero when the
+    # engine died, so that a supervisor restarts the server.
+    return uvloop.run(run_server(settings))
 
 
 # -- calibrate-seer, seer-report, calibration-text (strategies/seer_calibration_cli.py) -----------
@@ -158,10 +249,55 @@ def _seer_calibration_commands() -> tuple[Command, ...]:
     )
 
 
+# -- eval / bench / recommend (bench/) ------------------------------------------------------------
+
+
+def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    from bench.sweep import add_arguments
+
+    add_arguments(parser)
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from bench.sweep import run
+
+    return run(args)
+
+
+def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    from bench.serving import add_arguments
+
+    add_arguments(parser)
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    from bench.serving import run
+
+    return run(args)
+
+
+def add_recommend_arguments(parser: argparse.ArgumentParser) -> None:
+    from bench.recommend import add_arguments
+
+    add_arguments(parser)
+
+
+def run_recommend(args: argparse.Namespace) -> int:
+    from bench.recommend import run
+
+    return run(args)
+
+
 COMMANDS: tuple[Command, ...] = (
     Command("serve", "serve the OpenAI-compatible API", add_serve_arguments, run_serve),
     Command("prepare-model", "convert the embedded model into the cache (idempotent)",
             add_prepare_model_arguments, run_prepare_model),
+    Command("eval", "long-context tasks and fidelity to full: a strategy x budget x length sweep",
+            add_eval_arguments, run_eval),
+    Command("bench", "serving speed (TTFT, TPOT, throughput) per strategy against full",
+            add_bench_arguments, run_bench),
+    Command("recommend", "the cheapest measured strategy + budget meeting a fidelity floor",
+            add_recommend_arguments, run_recommend),
     *_seer_calibration_commands(),
 )
 

@@ -11,6 +11,10 @@ DEFAULT_PORT = 8000
 DEFAULT_MAX_MODEL_LEN = 8192
 DEFAULT_KV_CACHE_GIB = 2.0
 DEFAULT_STRATEGY = "full"
+DEFAULT_MAX_CONCURRENT_REQUESTS = 256
+DEFAULT_MAX_N = 16
+DEFAULT_MAX_BODY_BYTES = 16 * (1 << 20)
+DEFAULT_DRAIN_TIMEOUT_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -28,6 +32,21 @@ class ServeSettings:
     distributed_executor_backend: str | None = None
     engine_args: tuple[tuple[str, str], ...] = field(default_factory=tuple)  # (key, value)
     log_level: str = "info"
+    # The production surface (server/production.py); None/0 where it means "no bound".
+    api_keys: tuple[str, ...] = ()
+    protect_health: bool = False
+    protect_metrics: bool = False
+    cors_origins: tuple[str, ...] = ()
+    cors_methods: tuple[str, ...] = ("*",)
+    cors_headers: tuple[str, ...] = ("*",)
+    cors_credentials: bool = False
+    max_concurrent_requests: int | None = DEFAULT_MAX_CONCURRENT_REQUESTS
+    request_timeout: float | None = None
+    drain_timeout: float = DEFAULT_DRAIN_TIMEOUT_S
+    max_tokens_limit: int | None = None
+    max_n: int | None = DEFAULT_MAX_N
+    max_prompt_tokens: int | None = None
+    max_body_bytes: int | None = DEFAULT_MAX_BODY_BYTES
 
     def vllm_argv(self) -> list[str]:
         """The argument list for vLLM's server parser (`make_arg_parser`)."""

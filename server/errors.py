@@ -14,3 +14,10 @@ def bad_request(message: str, param: str | None) -> JSONResponse:
         message = f"{param}: {message}"
     error = create_error_response(message, "BadRequestError", HTTPStatus.BAD_REQUEST, param)
     return JSONResponse(content=error.model_dump(), status_code=HTTPStatus.BAD_REQUEST)
+
+
+def error_response(message: str, err_type: str, status: HTTPStatus,
+                   param: str | None = None) -> JSONResponse:
+    """Any other error status in the same shape."""
+    error = create_error_response(message, err_type, status, param)
+    return JSONResponse(content=error.model_dump(), status_code=int(status))

@@ -4,10 +4,14 @@ test session, lazily: only test folders that ask for it pay for the engine start
 Environment knobs:
 - ATTNSERVE_TEST_BASE_URL: use an already running server instead of starting one.
 - ATTNSERVE_TEST_SERVER_ARGS: extra `attnserve serve` arguments (shell syntax).
+
+`launch_attnserve` starts further servers with their own flags (tests/production), one at a time:
+`with launch_attnserve(["--api-key", "k"], env={...}) as server: ...`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import signal
@@ -15,9 +19,10 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -36,6 +41,7 @@ class RunningServer:
     base_url: str  # e.g. http://127.0.0.1:PORT (no /v1)
     model: str  # the served model name clients send
     log_path: Path | None  # None when reusing an external server
+    process: subprocess.Popen | None = field(default=None, compare=False)  # None: external
 
     def log_tail(self, chars: int = LOG_TAIL_CHARS) -> str:
         if self.log_path is None or not self.log_path.exists():
@@ -49,14 +55,15 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_until_healthy(base_url: str, process: subprocess.Popen, log_path: Path) -> None:
+def wait_until_healthy(base_url: str, process: subprocess.Popen, log_path: Path,
+                       headers: dict[str, str] | None = None) -> None:
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
         if process.poll() is not None:
             tail = log_path.read_text(errors="replace")[-LOG_TAIL_CHARS:]
             raise RuntimeError(f"attnserve exited with {process.returncode} while starting:\n{tail}")
         try:
-            if httpx.get(f"{base_url}/health", timeout=5.0).status_code == 200:
+            if httpx.get(f"{base_url}/health", timeout=5.0, headers=headers).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
@@ -82,34 +89,57 @@ def stop(process: subprocess.Popen) -> None:
     process.wait(timeout=STOP_TIMEOUT_S)
 
 
+@contextlib.contextmanager
+def launched_server(log_dir: Path, args: list[str], env: dict[str, str] | None = None,
+                    max_model_len: int = TEST_MAX_MODEL_LEN,
+                    kv_cache_gib: float = TEST_KV_CACHE_GIB,
+                    headers: dict[str, str] | None = None) -> Iterator[RunningServer]:
+    """`attnserve serve` on a free loopback port in its own process group, healthy on entry
+    (`headers` for /health, e.g. an API key with --protect-health), stopped (SIGTERM, then SIGKILL
+    of the group) on exit."""
+    port = free_port()
+    log_path = log_dir / "server.log"
+    command = [
+        sys.executable, "-m", "server.cli", "serve",
+        "--host", "127.0.0.1",
+        "--port", str(port),
+        "--max-model-len", str(max_model_len),
+        "--kv-cache-gib", str(kv_cache_gib),
+        *args,
+    ]
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, start_new_session=True,
+            env={**os.environ, **(env or {})},
+        )
+    server = RunningServer(base_url=f"http://127.0.0.1:{port}", model=SERVED_MODEL_NAME,
+                           log_path=log_path, process=process)
+    try:
+        wait_until_healthy(server.base_url, process, log_path, headers)
+        yield server
+    finally:
+        stop(process)
+
+
 @pytest.fixture(scope="session")
 def attnserve_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     external = os.environ.get("ATTNSERVE_TEST_BASE_URL")
     if external:
         yield RunningServer(base_url=external.rstrip("/"), model=SERVED_MODEL_NAME, log_path=None)
         return
-    port = free_port()
-    log_path = tmp_path_factory.mktemp("attnserve") / "server.log"
-    command = [
-        sys.executable, "-m", "server.cli", "serve",
-        "--host", "127.0.0.1",
-        "--port", str(port),
-        "--max-model-len", str(TEST_MAX_MODEL_LEN),
-        "--kv-cache-gib", str(TEST_KV_CACHE_GIB),
-        *shlex.split(os.environ.get("ATTNSERVE_TEST_SERVER_ARGS", "")),
-    ]
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(
-            command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, start_new_session=True,
-        )
-    server = RunningServer(base_url=f"http://127.0.0.1:{port}", model=SERVED_MODEL_NAME,
-                           log_path=log_path)
-    try:
-        wait_until_healthy(server.base_url, process, log_path)
+    extra = shlex.split(os.environ.get("ATTNSERVE_TEST_SERVER_ARGS", ""))
+    with launched_server(tmp_path_factory.mktemp("attnserve"), extra) as server:
         yield server
-    finally:
-        stop(process)
+
+
+@pytest.fixture(scope="session")
+def launch_attnserve(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Any]:
+    """A context-manager factory for servers with their own flags:
+    `launch_attnserve(args, env=None, max_model_len=..., kv_cache_gib=..., headers=None)`."""
+    def launch(args: list[str], **kwargs):
+        return launched_server(tmp_path_factory.mktemp("attnserve-extra"), args, **kwargs)
+    return launch
 
 
 @pytest.fixture(scope="session")

@@ -51,7 +51,10 @@ def test_metrics_export_vllm_and_attnserve_metrics(http, attnserve_server):
     assert response.status_code == 200
     assert "vllm:num_requests_running" in response.text
     assert "vllm:prompt_tokens" in response.text
-    assert 'attnserve:requests_total{strategy="full"}' in response.text
+    counted = [line for line in response.text.splitlines()
+               if line.startswith("attnserve:requests_total{") and 'strategy="full"' in line
+               and 'status="ok"' in line]
+    assert counted and float(counted[0].rsplit(" ", 1)[1]) >= 1
 
 
 # -- completions -------------------------------------------------------------------------------

@@ -47,3 +47,79 @@ def test_serve_flags_reach_vllm_arguments(embedded_model_dir):
     assert namespace.max_num_seqs == 8
     assert namespace.enable_prefix_caching is False
     assert namespace.enforce_eager is True
+
+
+def test_production_flags_reach_the_settings(embedded_model_dir, tmp_path, monkeypatch):
+    keys = tmp_path / "keys.txt"
+    keys.write_text("# comment\n\nfile-key\nshared\n")
+    monkeypatch.setenv("ATTNSERVE_API_KEYS", "env-a, env-b shared")
+    args = build_parser().parse_args([
+        "serve", "--model", str(embedded_model_dir),
+        "--api-key", "cli-key", "--api-key", "shared", "--api-keys-file", str(keys),
+        "--protect-metrics", "--cors-origins", "https://a.example,https://b.example",
+        "--cors-methods", "GET,POST", "--max-concurrent-requests", "7",
+        "--request-timeout", "2.5", "--drain-timeout", "9", "--max-tokens-limit", "100",
+        "--max-n", "none", "--max-prompt-tokens", "50", "--max-body-bytes", "0",
+    ])
+    settings = serve_settings(args)
+    assert settings.api_keys == ("cli-key", "shared", "file-key", "env-a", "env-b")
+    assert (settings.protect_health, settings.protect_metrics) == (False, True)
+    assert settings.cors_origins == ("https://a.example", "https://b.example")
+    assert settings.cors_methods == ("GET", "POST") and settings.cors_headers == ("*",)
+    assert settings.max_concurrent_requests == 7
+    assert settings.request_timeout == 2.5 and settings.drain_timeout == 9
+    assert settings.max_tokens_limit == 100 and settings.max_prompt_tokens == 50
+    assert settings.max_n is None and settings.max_body_bytes is None  # none / 0: no bound
+
+
+def test_production_defaults(embedded_model_dir, monkeypatch):
+    from server import config
+
+    monkeypatch.delenv("ATTNSERVE_API_KEYS", raising=False)
+    settings = serve_settings(build_parser().parse_args(["serve", "--model",
+                                                         str(embedded_model_dir)]))
+    assert settings.api_keys == ()  # open unless a key is given
+    assert settings.max_concurrent_requests == config.DEFAULT_MAX_CONCURRENT_REQUESTS
+    assert settings.request_timeout is None
+    assert settings.max_body_bytes == config.DEFAULT_MAX_BODY_BYTES
+
+
+@pytest.mark.parametrize("bad", ["-1", "abc"])
+def test_bounds_reject_bad_values(bad):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--max-concurrent-requests", bad])
+
+
+def test_ray_backend_is_passed_through_to_vllm(embedded_model_dir):
+    """Multi-node goes through vLLM's own options: the value reaches vLLM's parser unchanged
+    (ray itself is only needed when the engine starts)."""
+    args = build_parser().parse_args([
+        "serve", "--model", str(embedded_model_dir), "--distributed-executor-backend", "ray",
+        "--tensor-parallel-size", "2", "--pipeline-parallel-size", "2",
+    ])
+    namespace = serve_settings(args).vllm_namespace()
+    assert namespace.distributed_executor_backend == "ray"
+    assert (namespace.tensor_parallel_size, namespace.pipeline_parallel_size) == (2, 2)
+
+
+def test_ray_backend_without_ray_fails_at_start_naming_ray(embedded_model_dir, tmp_path):
+    """Where ray cannot be imported (hidden here by a stub that fails to import, so the test is
+    the same whether or not ray is installed) the server stops at start, non-zero, saying so."""
+    import os
+    import subprocess
+    import sys
+
+    stub = tmp_path / "ray"
+    stub.mkdir()
+    (stub / "__init__.py").write_text("raise ImportError(\"No module named 'ray'\")\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(tmp_path), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+    result = subprocess.run(
+        [sys.executable, "-m", "server.cli", "serve", "--model", str(embedded_model_dir),
+         "--host", "127.0.0.1", "--port", "0", "--kv-cache-gib", "1",
+         "--distributed-executor-backend", "ray"],
+        capture_output=True, text=True, timeout=600, env=env,
+        cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+    )
+    assert result.returncode != 0
+    assert "Failed to import Ray" in result.stdout + result.stderr
