@@ -238,6 +238,31 @@ def test_compose_services_ports_and_health_checks():
     assert services["prometheus"]["depends_on"]["attnserve"]
 
 
+def compose_duration_s(text: str) -> float:
+    """A compose duration (`45s`, `1m30s`, `1h`, `500ms`) in seconds."""
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|us|h|m|s)", str(text))
+    assert parts and "".join(n + u for n, u in parts) == str(text), f"not a duration: {text!r}"
+    scale = {"h": 3600, "m": 60, "s": 1, "ms": 1e-3, "us": 1e-6}
+    return sum(float(n) * scale[u] for n, u in parts)
+
+
+@pytest.mark.parametrize("files", [("compose.yaml",), ("compose.yaml", "compose.cuda.yaml")])
+def test_compose_restarts_the_server_and_lets_it_drain(files):
+    """A dead engine exits non-zero (a supervisor must restart it); SIGTERM drains for
+    --drain-timeout then closes connections: Docker's SIGKILL must come later than both."""
+    from server import cli
+    from server.app import GRACEFUL_CLOSE_S
+
+    app: dict = {}
+    for name in files:  # compose merges the override's keys over the base file's
+        app.update(compose(name)["services"]["attnserve"])
+    assert app["restart"] in ("always", "unless-stopped", "on-failure")
+    parser = argparse.ArgumentParser()
+    cli.add_serve_arguments(parser)
+    drain = parser.parse_args(app["command"][1:]).drain_timeout  # the CLI default unless set there
+    assert compose_duration_s(app["stop_grace_period"]) > drain + GRACEFUL_CLOSE_S
+
+
 def test_compose_cuda_override():
     doc = compose("compose.cuda.yaml")
     app = doc["services"]["attnserve"]
@@ -283,7 +308,36 @@ REQUIRED = {
     "KV cache usage": "vllm:kv_cache_usage_perc",
     "running requests": "vllm:num_requests_running",
     "waiting requests": "vllm:num_requests_waiting",
+    "rejections by reason": "sum by (reason) (rate(attnserve:requests_rejected_total",
+    "errors by reason": "attnserve:request_errors_total",
+    "in flight": "attnserve:requests_in_flight",
+    "concurrency limit": "attnserve:max_concurrent_requests",
+    "KV blocks used": "attnserve:kv_cache_blocks_used",
+    "KV blocks total": "attnserve:kv_cache_blocks_total",
 }
+
+
+def server_metrics() -> dict[str, set[str]]:
+    """attnserve's metric families as server/metrics.py defines them: name (as written there,
+    counters without `_total`) -> label names."""
+    source = (REPO / "server" / "metrics.py").read_text()
+    found = {}
+    for match in re.finditer(r'\b(?:Counter|Gauge|Histogram)\(\s*"(attnserve:\w+)"(.*?)registry=',
+                             source, re.S):
+        labels = re.search(r"labelnames=\[([^\]]*)\]", match.group(2))
+        found[match.group(1)] = set(re.findall(r'"(\w+)"', labels.group(1))) if labels else set()
+    for name in re.findall(r'GaugeMetricFamily\(\s*"(attnserve:\w+)"', source):
+        found[name] = set()
+    assert found, "server/metrics.py changed shape"
+    return found
+
+
+def server_metric(metric: str, defined: dict[str, set[str]]) -> str | None:
+    """The family `metric` (a sample name as queried) belongs to, or None."""
+    for name in (metric, base_name(metric)):
+        if name in defined:
+            return name
+    return None
 
 
 def base_name(metric: str) -> str:
@@ -310,6 +364,7 @@ def test_dashboard_structure(dashboard):
     assert "strategy" in variables["strategy"]["definition"]
     ids = [p["id"] for p in dashboard["panels"]]
     assert len(ids) == len(set(ids))
+    defined = server_metrics()
     for panel in dashboard["panels"]:
         assert panel["type"] in ("timeseries", "heatmap", "stat", "gauge")
         assert panel["datasource"]["uid"] == "${datasource}"
@@ -321,8 +376,9 @@ def test_dashboard_structure(dashboard):
             expr = target["expr"]
             for open_, close in ("()", "{}", "[]"):
                 assert expr.count(open_) == expr.count(close), expr
-            if "attnserve:" in expr and "attnserve:requests_total" not in expr \
-                    or "$strategy" in expr:
+            per_strategy = any("strategy" in defined.get(server_metric(m, defined), ())
+                               for m in METRIC.findall(expr) if m.startswith("attnserve:"))
+            if per_strategy or "$strategy" in expr:
                 assert 'strategy=~"$strategy"' in expr, expr
 
 
@@ -345,12 +401,69 @@ def test_dashboard_vllm_metrics_exist_in_the_installed_vllm(dashboard):
 
 
 def test_dashboard_attnserve_metrics_are_defined_by_the_server(dashboard):
-    source = (REPO / "server" / "metrics.py").read_text()
-    names = {base_name(m) for e in dashboard_exprs(dashboard) for m in METRIC.findall(e)
+    defined = server_metrics()
+    names = {m for e in dashboard_exprs(dashboard) for m in METRIC.findall(e)
              if m.startswith("attnserve:")}
     assert names
-    missing = sorted(n for n in names if f'"{n}"' not in source)
+    missing = sorted(n for n in names if server_metric(n, defined) is None)
     assert not missing, f"metrics the dashboard uses but server/metrics.py does not define: {missing}"
+
+
+# -- docs/operations.md ----------------------------------------------------------------------------
+
+OPERATIONS = REPO / "docs" / "operations.md"
+FLAG = re.compile(r"(?<![\w-])(--[a-z][a-z0-9-]*)")
+
+
+def markdown_section(text: str, heading: str) -> str:
+    """The body of the `## heading` section (up to the next `## `)."""
+    match = re.search(rf"^## {re.escape(heading)}\n(.*?)(?=^## |\Z)", text, re.M | re.S)
+    assert match, f"docs/operations.md has no `## {heading}` section"
+    return match.group(1)
+
+
+def serve_commands(text: str) -> list[str]:
+    """Every `attnserve serve ...` command line of the document's code blocks (continuations
+    joined)."""
+    joined = re.sub(r"\\\n\s*", " ", text)
+    return [line[line.index("attnserve serve"):] for line in joined.splitlines()
+            if "attnserve serve" in line and "`attnserve serve" not in line]
+
+
+def test_operations_doc_flags_exist_in_the_serve_parser():
+    """The flags of the production section, of every `attnserve serve` command and of the
+    serve-flag tables are real; and every production flag of the parser is documented."""
+    from server import cli
+
+    parser = argparse.ArgumentParser()
+    cli.add_serve_arguments(parser)
+    known = set(parser._option_string_actions)  # noqa: SLF001
+    text = OPERATIONS.read_text()
+    named = set(FLAG.findall(markdown_section(text, "Production settings")))
+    for command in serve_commands(text):
+        named |= set(FLAG.findall(command))
+    assert {"--api-key", "--max-concurrent-requests", "--drain-timeout"} <= named
+    unknown = sorted(named - known)
+    assert not unknown, f"docs/operations.md names flags `attnserve serve` does not have: {unknown}"
+    production = argparse.ArgumentParser()
+    cli.add_production_arguments(production)
+    undocumented = sorted(f for f in production._option_string_actions  # noqa: SLF001
+                          if f.startswith("--") and f != "--help" and f"`{f}" not in text)
+    assert not undocumented, f"production flags missing from docs/operations.md: {undocumented}"
+
+
+def test_operations_doc_metrics_table_matches_the_server():
+    defined = server_metrics()
+    section = markdown_section(OPERATIONS.read_text(), "Production settings")
+    rows = re.findall(r"^\| `(attnserve:\w+)` \| (\w+) \|\s*([\w, ]*?)\s*\|", section, re.M)
+    assert rows, "no metrics table in the Production settings section"
+    documented = {}
+    for metric, kind, labels in rows:
+        family = server_metric(metric, defined)
+        assert family, f"{metric} is documented but server/metrics.py does not define it"
+        assert set(filter(None, (x.strip() for x in labels.split(",")))) == defined[family], metric
+        documented[family] = kind
+    assert set(documented) == set(defined), sorted(set(defined) - set(documented))
 
 
 def test_dockerignore_keeps_local_builds_out():
