@@ -1,0 +1,180 @@
+"""End-to-end decode speed through the server: time per output token (TPOT) of each strategy vs
+``full`` and vs stock vLLM (the same server with our plugin excluded through ``VLLM_PLUGINS``).
+
+    .venv/bin/python bench/e2e.py                       # 2k/4k/8k prompts, batch 1 and 8, budget 1/8
+    .venv/bin/python bench/e2e.py --lengths 2048 --batches 1 --new-tokens 16
+
+Each cell sends ``batch`` concurrent streaming completions of ``--new-tokens`` tokens (greedy, EOS
+ignored) whose prompts are natural text cut to the length, and reports the median over requests
+of (last token time - first token time) / (tokens - 1). Prints one table with ratios; no assertion.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL_DIR = Path("~/.cache/attnserve/models/SmolLM2-135M-Instruct").expanduser()
+TEXT_FILES = [Path("/usr/share/common-licenses/GPL-3"), Path("/usr/share/common-licenses/GFDL-1.3"),
+              Path("/usr/share/common-licenses/Apache-2.0")]
+
+
+def strategies(budget: float, gates: str) -> dict[str, dict | None]:
+    return {
+        "full": {"strategy": "full", "params": {}},
+        "sink": {"strategy": "sink", "params": {"n_sink": 4, "window": budget}},   # window set per length
+        "recycled": {"strategy": "recycled", "params": {"k": budget}},
+        "landmark": {"strategy": "landmark", "params": {"k_blocks": budget}},
+        "seer": {"strategy": "seer", "params": {"top_k": budget, "gates": gates}},
+    }
+
+
+def prompt_ids(tokenizer, length: int, offset: int) -> list[int]:
+    text = "\n".join(p.read_text() for p in TEXT_FILES if p.exists())
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    while len(ids) < length + offset:
+        ids = ids + ids
+    return ids[offset: offset + length]
+
+
+def start_server(port: int, plugin: bool, log: Path, max_model_len: int) -> subprocess.Popen:
+    env = dict(os.environ)
+    if not plugin:
+        env["VLLM_PLUGINS"] = "none"   # stock vLLM: no attnserve plugin loaded
+    cmd = [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
+           "--model", str(MODEL_DIR), "--max-model-len", str(max_model_len),
+           "--engine-arg", "max_num_seqs=8", "--engine-arg", "enable_prefix_caching=false"]
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def wait_healthy(base: str, proc: subprocess.Popen, log: Path, timeout: float = 900) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited:\n{log.read_text()[-4000:]}")
+        try:
+            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(2)
+    raise TimeoutError(f"server not healthy:\n{log.read_text()[-4000:]}")
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    import signal
+
+    try:
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(60)
+    except (subprocess.TimeoutExpired, ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+async def one_request(client: httpx.AsyncClient, base: str, model: str, ids: list[int], new_tokens: int,
+                      attention: dict | None) -> float:
+    body = {"model": model, "prompt": ids, "max_tokens": new_tokens, "temperature": 0.0,
+            "ignore_eos": True, "stream": True}
+    if attention is not None:
+        body["attention"] = attention
+    times = []
+    async with client.stream("POST", f"{base}/v1/completions", json=body, timeout=3600) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                chunk = json.loads(line[6:])
+                if chunk.get("choices") and chunk["choices"][0].get("text") is not None:
+                    times.append(time.perf_counter())
+    if len(times) < 2:
+        return float("nan")
+    return (times[-1] - times[0]) / (len(times) - 1)
+
+
+async def cell(base: str, model: str, prompts: list[list[int]], new_tokens: int, attention: dict | None) -> float:
+    async with httpx.AsyncClient() as client:
+        tpots = await asyncio.gather(*(one_request(client, base, model, p, new_tokens, attention)
+                                       for p in prompts))
+    return statistics.median(tpots)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--budget", type=float, default=0.125)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--strategies", nargs="+", default=["full", "sink", "recycled", "landmark", "seer"])
+    parser.add_argument("--port", type=int, default=8931)
+    parser.add_argument("--no-stock", action="store_true", help="skip the stock vLLM server")
+    args = parser.parse_args()
+
+    from transformers import AutoTokenizer
+
+    from strategies.base import ModelFacts
+    from strategies.seer import SeerGates
+
+    tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR)
+    gates = Path(tempfile.mkdtemp()) / "seer-identity.safetensors"
+    SeerGates.identity(ModelFacts.from_model_dir(MODEL_DIR)).save(gates)
+    max_len = max(args.lengths) + args.new_tokens + 16
+    base = f"http://127.0.0.1:{args.port}"
+    model = MODEL_DIR.name
+    results: dict[tuple[str, int, int], float] = {}
+
+    servers = [("attnserve", True)] + ([] if args.no_stock else [("stock", False)])
+    for server_name, plugin in servers:
+        log = Path(tempfile.mkdtemp()) / f"{server_name}.log"
+        proc = start_server(args.port, plugin, log, max_len)
+        try:
+            wait_healthy(base, proc, log)
+            names = args.strategies if plugin else ["full"]
+            for length in args.lengths:
+                for batch in args.batches:
+                    prompts = [prompt_ids(tokenizer, length, 311 * i) for i in range(batch)]
+                    for name in names:
+                        attention = strategies(args.budget, str(gates))[name] if plugin else None
+                        if attention and name == "sink":
+                            attention = {"strategy": "sink",
+                                         "params": {"n_sink": 4, "window": max(1, int(args.budget * length) - 4)}}
+                        key = (server_name if not plugin else name, length, batch)
+                        results[key] = asyncio.run(cell(base, model, prompts, args.new_tokens, attention))
+                        print(f"{key}: {results[key] * 1000:.1f} ms/token", flush=True)
+        finally:
+            stop_server(proc)
+
+    rows = [n for n in args.strategies] + ([] if args.no_stock else ["stock"])
+    print(f"\nTPOT ms/token (ratio vs full | vs stock), budget {args.budget}, {args.new_tokens} new tokens")
+    header = "strategy".ljust(10) + "".join(f"{f'{L // 1024}k b{b}':>24}" for L in args.lengths for b in args.batches)
+    print(header)
+    for name in rows:
+        line = name.ljust(10)
+        for length in args.lengths:
+            for batch in args.batches:
+                t = results.get((name, length, batch))
+                full = results.get(("full", length, batch))
+                stock = results.get(("stock", length, batch))
+                if t is None:
+                    line += f"{'-':>24}"
+                    continue
+                vs_full = f"{t / full:.2f}" if full else "-"
+                vs_stock = f"{t / stock:.2f}" if stock else "-"
+                line += f"{f'{t * 1000:.1f} ({vs_full}|{vs_stock})':>24}"
+        print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""One real vLLM engine (embedded model, our plugin) for the whole e2e folder.
+
+The engine core and the worker run in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, set only
+while the engine is built) so the tests can look at vLLM's own block pool and at the worker's router;
+the multi-process path is covered through HTTP by tests/server.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+MODEL_DIR = Path("~/.cache/attnserve/models/SmolLM2-135M-Instruct").expanduser()
+TEXT_FILE = Path("/usr/share/common-licenses/GPL-3")
+PAGE = 32
+
+
+@dataclass
+class Engine:
+    llm: object          # vllm.LLM
+    stats_dir: Path
+
+    @property
+    def engine(self):
+        return self.llm.llm_engine
+
+    @property
+    def block_pool(self):
+        return self.engine.engine_core.engine_core.scheduler.kv_cache_manager.block_pool
+
+    def used_blocks(self) -> int:
+        """Blocks held by requests (the null block excluded), from vLLM's own pool."""
+        pool = self.block_pool
+        return pool.num_gpu_blocks - 1 - pool.get_num_free_blocks()
+
+    def router(self):
+        from strategies.backend import ROUTER
+
+        return ROUTER
+
+
+def _text_tokens(tokenizer) -> list[int]:
+    text = TEXT_FILE.read_text() if TEXT_FILE.exists() else (MODEL_DIR / "tokenizer.json").read_text()
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+@pytest.fixture(scope="package")
+def engine(tmp_path_factory: pytest.TempPathFactory):
+    from vllm import LLM
+
+    stats_dir = Path("/dev/shm") / f"attnserve-e2e-{os.getpid()}"
+    saved = {k: os.environ.get(k) for k in ("VLLM_ENABLE_V1_MULTIPROCESSING", "ATTNSERVE_STATS_DIR")}
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    os.environ["ATTNSERVE_STATS_DIR"] = str(stats_dir)
+    try:
+        # Pages of 32 tokens (CPU pages are multiples of 32) keep sink's window test short; a token
+        # budget that holds the mixed batch's prompts in one step (no chunked prefill in the comparison).
+        llm = LLM(model=str(MODEL_DIR), enforce_eager=True, max_model_len=4096, kv_cache_memory_bytes=1 << 30,
+                  max_num_seqs=16, max_num_batched_tokens=8192, block_size=PAGE, seed=0,
+                  disable_log_stats=False)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    yield Engine(llm, stats_dir)
+    llm.llm_engine.engine_core.shutdown()
+    del llm
+    gc.collect()
+    for path in stats_dir.rglob("*"):
+        if path.is_file():
+            path.unlink()
+
+
+@pytest.fixture(scope="package")
+def text_tokens(engine) -> list[int]:
+    return _text_tokens(engine.llm.get_tokenizer())
+
+
+@pytest.fixture(scope="package")
+def seer_gates(engine, tmp_path_factory) -> str:
+    """A gate file written through strategies.seer's SeerGates API (identity gates, block 32)."""
+    from strategies.seer import SeerGates
+
+    path = tmp_path_factory.mktemp("gates") / "seer-identity.safetensors"
+    SeerGates.identity(engine.router().model, block_size=PAGE).save(path)
+    return str(path)
