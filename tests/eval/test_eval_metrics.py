@@ -1,0 +1,100 @@
+"""Fidelity metrics, budget mapping and the recommendation, on constructed inputs."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from bench import fidelity as fid
+from bench import recommend as rec
+from bench import sweep as sw
+
+
+def logs(probs: dict[int, float]) -> dict[int, float]:
+    return {t: math.log(p) for t, p in probs.items()}
+
+
+def test_topk_kl_zero_for_same_and_positive_for_different():
+    p = {1: 0.6, 2: 0.3, 3: 0.05}
+    assert fid.topk_kl(logs(p), logs(p)) == pytest.approx(0.0, abs=1e-12)
+    q = {1: 0.3, 2: 0.6, 3: 0.05}
+    # p and q put the same 0.05 on "other": the coarsened KL is the exact KL here
+    exact = 0.6 * math.log(0.6 / 0.3) + 0.3 * math.log(0.3 / 0.6)
+    assert fid.topk_kl(logs(p), logs(q)) == pytest.approx(exact, rel=1e-9)
+
+
+def test_topk_kl_missing_token_uses_bounded_guess():
+    p = {1: 0.5, 2: 0.4}
+    q = {1: 0.5, 3: 0.45}  # token 2 is not in the strategy's top-k: q(2) <= min(0.45, 0.05 / 2)
+    kl = fid.topk_kl(logs(p), logs(q))
+    expected = 0.4 * math.log(0.4 / 0.025) + 0.1 * math.log(0.1 / (1 - 0.5 - 0.025))
+    assert kl == pytest.approx(expected, rel=1e-9)
+
+
+def test_agreement_prefix_and_decode_fidelity():
+    ref = [1, 2, 3, 4]
+    assert fid.agreement(ref, [1, 2, 9, 4]) == 0.75
+    assert fid.common_prefix(ref, [1, 2, 9, 4]) == 2
+    top = [{1: -0.1}, {2: -0.1}, {3: -0.1}, {4: -0.1}]
+    out = fid.decode_fidelity(ref, top, [1, 2, 9, 4], top)
+    assert out["agreement"] == 0.75 and out["prefix"] == 0.5
+    assert out["kl_positions"] == 3 and out["kl"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_ppl_ratio_from_prompt_logprobs():
+    full = [None, -1.0, -1.0, -2.0, -2.0, -2.0]  # the second half: the last three
+    worse = [None, -5.0, -5.0, -3.0, -3.0, -3.0]
+    ratio = fid.ppl_ratio(fid.second_half_nll(worse), fid.second_half_nll(full))
+    assert ratio == pytest.approx(math.e)
+
+
+def test_text_samples_are_deterministic_natural_text(tokenizer):
+    a = fid.text_sample(1000, tokenizer, seed=0, index=1)
+    b = fid.text_sample(1000, tokenizer, seed=0, index=1)
+    c = fid.text_sample(1000, tokenizer, seed=0, index=2)
+    assert a.prompt_ids == b.prompt_ids and len(a.prompt_ids) == 1000
+    assert a.prompt_ids != c.prompt_ids
+    assert "licen" in tokenizer.decode(a.prompt_ids + c.prompt_ids).lower()
+
+
+def test_budget_to_strategy_params():
+    assert sw.parse_budget("512") == 512 and sw.parse_budget("0.25") == 0.25
+    assert isinstance(sw.parse_budget("1.0"), float)
+    with pytest.raises(ValueError):
+        sw.parse_budget("1.5")
+    with pytest.raises(ValueError):
+        sw.parse_budget("0")
+    assert sw.Config("sink", 512).params_for(4096) == {"window": 508}
+    assert sw.Config("sink", 0.25, (("n_sink", 64),)).params_for(4096) == {"n_sink": 64, "window": 960}
+    assert sw.Config("recycled", 0.125).params_for(4096) == {"k": 0.125}
+    assert sw.Config("landmark", 512).params_for(4096) == {"k_blocks": 30}
+    assert sw.Config("seer", 512).params_for(4096) == {"top_k": 7}
+    assert sw.nominal_fraction("sink", {"n_sink": 4, "window": 508}, 4096) == pytest.approx(0.125)
+    assert sw.nominal_fraction("seer", {"top_k": 7}, 4096) == pytest.approx(0.125)
+    assert sw.nominal_fraction("landmark", {"k_blocks": 30, "dense_layers": 0}, 4096) == pytest.approx(0.125)
+
+
+def sweep_result() -> dict:
+    def row(config, strategy, budget, length, agreement, frac, score=50.0, tpot=10.0):
+        return {"config": config, "strategy": strategy, "budget": budget, "length": length,
+                "agreement": agreement, "prefix": agreement, "kl": 0.01, "score": score,
+                "nominal_fraction": frac, "tpot_ms": tpot, "errors": 0}
+    rows = []
+    for length in (1024, 4096):
+        rows += [row("full", "full", None, length, None, 1.0),
+                 row("sink@128", "sink", 128, length, 0.5, 128 / length),
+                 row("landmark@0.125", "landmark", 0.125, length, 0.97, 0.17),
+                 row("recycled@0.25", "recycled", 0.25, length, 0.99, 0.3)]
+    return {"meta": {"model": "m", "configs": [{"label": "landmark@0.125", "extra": {}}]}, "rows": rows}
+
+
+def test_recommend_cheapest_meeting_floor():
+    out = rec.recommend(sweep_result(), 0.95, 4000)
+    assert out["measured_length"] == 4096
+    assert out["choice"]["config"] == "landmark@0.125"
+    assert out["attention"] == {"strategy": "landmark", "params": {"k_blocks": 0.125}}
+    assert rec.recommend(sweep_result(), 0.98, 4000)["choice"]["config"] == "recycled@0.25"
+    assert rec.recommend(sweep_result(), 0.999, 4000)["choice"]["config"] == "full"
+    assert rec.recommend(sweep_result(), 0.4, 1000)["choice"]["config"] == "sink@128"
+    assert rec.recommend(sweep_result(), 0.4, 1000)["measured_length"] == 1024
