@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import dataclass, field
 
 GiB = 1 << 30
@@ -58,7 +59,8 @@ class ServeSettings:
             "--tensor-parallel-size", str(self.tensor_parallel_size),
             "--pipeline-parallel-size", str(self.pipeline_parallel_size),
             "--uvicorn-log-level", self.log_level,
-            # Our routing attention backend runs eagerly (opaque custom op, no CUDA graphs).
+            # Our routing attention backend runs eagerly (host-side routing per step and layer; on CUDA
+            # its builder reports no CUDA-graph support, strategies/backend_cuda.py).
             "--enforce-eager",
         ]
         if self.max_model_len is not None:
@@ -70,6 +72,7 @@ class ServeSettings:
             argv += ["--gpu-memory-utilization", str(self.gpu_memory_utilization)]
         if self.distributed_executor_backend is not None:
             argv += ["--distributed-executor-backend", self.distributed_executor_backend]
+        argv += routing_backend_argv()
         for key, value in self.engine_args:
             argv += engine_arg_to_argv(key, value)
         return argv
@@ -83,6 +86,20 @@ class ServeSettings:
         args = parser.parse_args(self.vllm_argv())
         validate_parsed_serve_args(args)
         return args
+
+
+def routing_backend_argv() -> list[str]:
+    """On CUDA the plugin registers the routing backend as vLLM's ``CUSTOM`` attention backend, which
+    vLLM uses only when asked (on CPU it replaces ``CPU_ATTN`` and nothing is needed). Left out when
+    ``VLLM_PLUGINS`` excludes the plugin; an ``--engine-arg attention_backend=...`` comes later and wins."""
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cuda():
+        return []
+    plugins = os.environ.get("VLLM_PLUGINS")
+    if plugins is not None and "attnserve" not in [name.strip() for name in plugins.split(",")]:
+        return []
+    return ["--attention-backend", "CUSTOM"]
 
 
 def parse_engine_arg(text: str) -> tuple[str, str]:

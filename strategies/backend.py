@@ -9,6 +9,11 @@ Per layer the impl (``forward``) runs vLLM's kernel on the dense sub-batch and `
 group, each writing its rows of ``output``. A step whose rows are all dense delegates to vLLM unchanged
 (no gather, no copy). After the last layer each group's ``finish_step`` runs and the stats are written.
 
+The routing itself (``RoutingBuilderMixin``, ``RoutingImplMixin``) does not depend on the platform: the
+CPU backend here and the CUDA one (``strategies.backend_cuda``, over FlashAttention) put the mixins in
+front of vLLM's builder/impl, and differ only in ``strategy_cache_views`` (how the strategies see the
+paged KV cache).
+
 Row ``i`` of the step is ``runner.input_batch.req_ids[i]``; the runner is captured by the hook on
 ``GPUModelRunner._update_states`` (see ``strategies.plugin`` for why this channel), which also releases
 per-request state when a request finishes, is aborted or is preempted.
@@ -30,7 +35,6 @@ from vllm.v1.attention.backend import CommonAttentionMetadata
 from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionBackend,
     CPUAttentionBackendImpl,
-    CPUAttentionMetadata,
     CPUAttentionMetadataBuilder,
 )
 
@@ -59,7 +63,7 @@ class RoutedGroup:
 class RoutedMetadata:
     """What ``build`` returns: vLLM's metadata for the dense rows and the routed groups."""
     num_actual_tokens: int
-    dense: Optional[CPUAttentionMetadata]      # None when no row is dense
+    dense: Optional[Any]                       # vLLM's own metadata (CPU/FlashAttention); None: no dense row
     dense_tokens: Optional[Tensor]             # int64 [T_d] rows of the step; None = contiguous
     dense_slice: Optional[slice]               # the dense tokens as a range (None: use dense_tokens)
     groups: list[RoutedGroup] = field(default_factory=list)
@@ -95,7 +99,7 @@ def slice_common_metadata(cm: CommonAttentionMetadata, rows: list[int], query_le
         max_seq_len=int(seq_lens_cpu[rows].max()),
         block_table_tensor=cm.block_table_tensor.index_select(0, rows_t),
         slot_mapping=cm.slot_mapping.index_select(0, token_index.to(cm.slot_mapping.device)),
-        causal=cm.causal,
+        causal=cm.causal.index_select(0, rows_t) if isinstance(cm.causal, Tensor) else cm.causal,
         positions=None if cm.positions is None else cm.positions.index_select(0, token_index),
         seq_lens_cpu_upper_bound=None if upper is None else upper[rows_t.cpu()],
     )
@@ -264,10 +268,12 @@ def install_runner_hook() -> None:
 
 
 # --------------------------------------------------------------------------------------------------
-# CPU backend
+# Platform-independent routing, put in front of vLLM's builder / impl (MRO: mixin, then vLLM's class)
 # --------------------------------------------------------------------------------------------------
 
-class RoutingCPUMetadataBuilder(CPUAttentionMetadataBuilder):
+class RoutingBuilderMixin:
+    """``build`` of the routing backend; ``super().build`` is vLLM's own builder (dense sub-batch)."""
+
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         ROUTER.attach(vllm_config, kv_cache_spec.block_size)
@@ -342,13 +348,18 @@ class RoutingCPUMetadataBuilder(CPUAttentionMetadataBuilder):
         return RoutedMetadata(cm.num_actual_tokens, dense, dense_tokens, dense_slice, groups, stats_rows)
 
 
-class RoutingCPUImpl(CPUAttentionBackendImpl):
+class RoutingImplMixin:
+    """``forward`` of the routing backend; ``super().forward`` is vLLM's own kernel (dense sub-batch).
+    A platform's impl provides ``strategy_cache_views(kv_cache, layer)``."""
     layer_index: Optional[int] = None
+
+    def strategy_cache_views(self, kv_cache: Tensor, layer) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
 
     def forward(self, layer, query: Tensor, key: Tensor, value: Tensor, kv_cache: Tensor,
                 attn_metadata: Optional[RoutedMetadata], output: Tensor,
                 output_scale: Optional[Tensor] = None, output_block_scale: Optional[Tensor] = None) -> Tensor:
-        """query/output [T, Hq, D]; kv_cache [num_blocks, Hkv, block_size, 2*D]."""
+        """query/output [T, Hq, D]; kv_cache: vLLM's cache of the layer (read by ``strategy_cache_views``)."""
         if attn_metadata is None:   # warm-up
             return output
         if not attn_metadata.groups:   # every row dense: vLLM's kernel, unchanged
@@ -372,7 +383,7 @@ class RoutingCPUImpl(CPUAttentionBackendImpl):
 
         if self.layer_index is None:
             self.layer_index = _layer_index(layer)
-        key_cache, value_cache = strategy_cache_views(kv_cache, layer)
+        key_cache, value_cache = self.strategy_cache_views(kv_cache, layer)
         for group in attn_metadata.groups:
             s = group.token_slice
             if s is not None:
@@ -392,6 +403,19 @@ class RoutingCPUImpl(CPUAttentionBackendImpl):
             self.layer_index = _layer_index(layer)
         if self.layer_index == ROUTER.model.num_layers - 1:
             ROUTER.finish_step(meta)
+
+
+# --------------------------------------------------------------------------------------------------
+# CPU backend
+# --------------------------------------------------------------------------------------------------
+
+class RoutingCPUMetadataBuilder(RoutingBuilderMixin, CPUAttentionMetadataBuilder):
+    pass
+
+
+class RoutingCPUImpl(RoutingImplMixin, CPUAttentionBackendImpl):
+    def strategy_cache_views(self, kv_cache: Tensor, layer) -> tuple[Tensor, Tensor]:
+        return strategy_cache_views(kv_cache, layer)
 
 
 def strategy_cache_views(kv_cache: Tensor, layer) -> tuple[Tensor, Tensor]:

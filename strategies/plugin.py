@@ -1,10 +1,11 @@
 """vLLM plugin entry point (group ``vllm.general_plugins``), loaded in the API, engine-core and worker
 processes.
 
-``register()`` checks the vLLM version, puts the routing backend (``strategies.backend``) in place of
-vLLM's own (over ``CPU_ATTN`` on CPU, as ``CUSTOM`` on CUDA) and installs the scheduler-side KV policy
-(``strategies.kv_release``: ``sink`` gives out-of-window blocks back to the pool; sparse KV stays out
-of the prefix cache).
+``register()`` checks the vLLM version, puts the routing backend in place of vLLM's own (over
+``CPU_ATTN`` on CPU: ``strategies.backend``; as ``CUSTOM`` on CUDA: ``strategies.backend_cuda``, a
+FlashAttention subclass registered by its path, so nothing CUDA-only is imported here) and installs
+the scheduler-side KV policy (``strategies.kv_release``: ``sink`` gives out-of-window blocks back to
+the pool; sparse KV stays out of the prefix cache).
 
 How a request's strategy reaches the builder: the worker's model runner keeps every request's
 ``SamplingParams`` (``runner.requests[req_id].sampling_params.extra_args``) and the persistent batch's
@@ -41,10 +42,8 @@ def _check_vllm_version() -> None:
             "or exclude the plugin with VLLM_PLUGINS=<other plugins>.")
 
 
-def _backend_module():
-    import strategies.backend
-
-    return strategies.backend
+CPU_BACKEND = "strategies.backend.RoutingCPUBackend"
+CUDA_BACKEND = "strategies.backend_cuda.RoutingFlashBackend"   # imported by vLLM only when it selects CUSTOM
 
 
 def register() -> None:
@@ -53,13 +52,13 @@ def register() -> None:
     from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
 
     if current_platform.is_cpu():
-        register_backend(AttentionBackendEnum.CPU_ATTN, "strategies.backend.RoutingCPUBackend")
-    elif current_platform.is_cuda() and hasattr(_backend_module(), "RoutingFlashBackend"):
+        register_backend(AttentionBackendEnum.CPU_ATTN, CPU_BACKEND)
+    elif current_platform.is_cuda():
         # The V1 model runner is the one whose _update_states we hook (V2 is the default on CUDA);
-        # the engine must be started with attention_backend="CUSTOM".
+        # the engine must be started with attention_backend="CUSTOM" (the server does) and eagerly.
         os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
-        register_backend(AttentionBackendEnum.CUSTOM, "strategies.backend.RoutingFlashBackend")
-    else:   # CUDA routing (a FlashAttention subclass of the same builder/impl) is not built yet
+        register_backend(AttentionBackendEnum.CUSTOM, CUDA_BACKEND)
+    else:
         logger.warning("attnserve: no routing backend for platform %s; every request runs full attention",
                        current_platform.device_name)
         return
