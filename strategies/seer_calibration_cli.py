@@ -1,0 +1,111 @@
+"""Command-line glue of the SeerAttention gate calibration (``attnserve calibrate-seer``, ``seer-report``,
+``calibration-text``; registered in server/cli.py). Light: torch is imported only when a command runs."""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+
+@dataclass
+class CalibrationConfig:
+    """Options of one calibration (recorded in the gate file's metadata)."""
+    seed: int = 0
+    steps: int = 80
+    seq_len: int = 4096
+    windows: int = 2
+    lr: float = 2e-3
+    batch: int = 2
+    rows_per_window: int = 128
+    prefill_blocks: int = 4
+    block_size: int = 64
+    gate_dim: int = 64
+    rope_theta: float = 0.0
+    init: str = "identity"            # identity | random
+    dtype: str = "float32"
+
+
+# -- command line (registered in server/cli.py) ----------------------------------------------------
+
+def add_calibrate_arguments(parser) -> None:
+    d = CalibrationConfig()
+    parser.add_argument("--model", default=None, help="Hugging Face model folder (default: the embedded model)")
+    parser.add_argument("--out", default=None,
+                        help="gate file (default: where seer looks for the model: "
+                             "$ATTNSERVE_GATES_DIR/<model>/seer.safetensors)")
+    parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument("--steps", type=int, default=d.steps)
+    parser.add_argument("--seq-len", type=int, default=d.seq_len, help="tokens per calibration window")
+    parser.add_argument("--windows", type=int, default=d.windows, help="calibration windows")
+    parser.add_argument("--lr", type=float, default=d.lr)
+    parser.add_argument("--batch", type=int, default=d.batch, help="windows per step")
+    parser.add_argument("--eval-windows", type=int, default=1, help="held-out windows (loss before/after)")
+    parser.add_argument("--rows", type=int, default=d.rows_per_window, help="decode rows per window (last 3/4)")
+    parser.add_argument("--block-size", type=int, default=d.block_size, choices=(16, 32, 64, 128))
+    parser.add_argument("--gate-dim", type=int, default=d.gate_dim)
+    parser.add_argument("--rope-theta", type=float, default=d.rope_theta,
+                        help="gate RoPE at block positions (0: none; the cached keys are already rotated)")
+    parser.add_argument("--init", default=d.init, choices=("identity", "random"))
+    parser.add_argument("--dtype", default=d.dtype, choices=("float32", "bfloat16"))
+    parser.add_argument("--resume", action="store_true", help="continue from <out>.ckpt if present")
+    parser.add_argument("--if-missing", action="store_true", help="do nothing if --out exists (set-up)")
+
+
+def run_calibrate(args) -> int:
+    from strategies.seer_calibration import calibrate, default_gates_path
+    model = _model_dir(args.model)
+    out = Path(args.out).expanduser() if args.out else default_gates_path(model)
+    if args.if_missing and out.is_file():
+        print(f"seer gates already calibrated: {out}")
+        return 0
+    cfg = CalibrationConfig(seed=args.seed, steps=args.steps, seq_len=args.seq_len, windows=args.windows,
+                            lr=args.lr, batch=args.batch, block_size=args.block_size, gate_dim=args.gate_dim,
+                            rope_theta=args.rope_theta, init=args.init, dtype=args.dtype,
+                            rows_per_window=args.rows)
+    calibrate(model, out, cfg, resume=args.resume or args.if_missing, eval_windows=args.eval_windows)
+    return 0
+
+
+def add_report_arguments(parser) -> None:
+    parser.add_argument("--model", default=None, help="Hugging Face model folder (default: the embedded model)")
+    parser.add_argument("--gates", default=None, help="gate file (default: the model's default gates)")
+    parser.add_argument("--seq-len", type=int, default=2048, help="tokens per held-out window")
+    parser.add_argument("--windows", type=int, default=2)
+    parser.add_argument("--rows", type=int, default=128, help="decode rows per window (last 3/4)")
+    parser.add_argument("--out", default=None, help="also write the markdown here")
+
+
+def run_report(args) -> int:
+    from strategies.seer_calibration import default_gates_path, seer_report
+    model = _model_dir(args.model)
+    gates = Path(args.gates).expanduser() if args.gates else default_gates_path(model)
+    try:
+        text = seer_report(model, gates, seq_len=args.seq_len, windows=args.windows, rows_per_window=args.rows)
+    except ValueError as e:
+        print(f"attnserve seer-report: {e}", file=sys.stderr)
+        return 2
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text)
+    return 0
+
+
+def add_text_arguments(parser) -> None:
+    parser.add_argument("--out", required=True,
+                        help="training text file; the held-out text goes to <stem>.eval<suffix> beside it")
+
+
+def run_text(args) -> int:
+    from strategies.seer_calibration import write_calibration_text
+    train_path, eval_path, info = write_calibration_text(args.out)
+    print(json.dumps(info, indent=1))
+    return 0
+
+
+def _model_dir(model: Optional[str]) -> Path:
+    if not model:   # server/cli.py resolves the embedded model before calling (strategies never import server)
+        raise SystemExit("--model is required")
+    return Path(model).expanduser()
