@@ -35,12 +35,17 @@ from strategies.full import run_prefill
 from strategies.registry import register
 
 IDENTITY = "identity"
-CALIBRATE_HINT = ("calibrate SeerAttention gates for this model (the calibration command is a later issue), "
+CALIBRATE_HINT = ("calibrate SeerAttention gates for this model with `attnserve calibrate-seer --model <dir>` "
                   f"or use \"gates\": \"{IDENTITY}\" for the training-free identity gate")
 
 
+SHIPPED_GATES_DIR = Path(__file__).parent / "data"   # gates calibrated for the embedded model (docs/seer.md)
+
+
 def gates_dir() -> Path:
-    return Path(os.environ.get("ATTNSERVE_GATES_DIR", "~/.cache/attnserve/gates")).expanduser()
+    if "ATTNSERVE_GATES_DIR" in os.environ:
+        return Path(os.environ["ATTNSERVE_GATES_DIR"]).expanduser()
+    return Path(os.environ.get("ATTNSERVE_CACHE", "~/.cache/attnserve")).expanduser() / "gates"
 
 
 def model_name(model_id: str) -> str:
@@ -58,7 +63,7 @@ class Params(StrategyParams):
                                             "or a fraction (0, 1] of the context's blocks")
     gates: Optional[str] = param(None, doc="gate weights: a .safetensors path, a name under "
                                            "$ATTNSERVE_GATES_DIR/<model>/, 'identity' (training-free), or null "
-                                           "for <gates dir>/<model>/seer.safetensors")
+                                           "for <gates dir>/<model>/seer.safetensors (else the gates shipped in strategies/data/<model>/)")
 
 
 @dataclass(frozen=True)
@@ -143,7 +148,9 @@ def resolve_gates(gates: Optional[str], model: ModelFacts) -> Optional[Path]:
     if gates == IDENTITY:
         return None
     if gates is None:
-        return gates_dir() / model_name(model.model_id) / "seer.safetensors"
+        calibrated = gates_dir() / model_name(model.model_id) / "seer.safetensors"
+        shipped = SHIPPED_GATES_DIR / model_name(model.model_id) / "seer.safetensors"
+        return shipped if not calibrated.exists() and shipped.exists() else calibrated
     if "/" in gates or gates.endswith(".safetensors"):
         return Path(gates).expanduser()
     return gates_dir() / model_name(model.model_id) / f"{gates}.safetensors"
