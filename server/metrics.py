@@ -36,6 +36,12 @@ REJECT_OVERLOAD = "overload"
 REJECT_TIMEOUT = "timeout"
 REJECT_BAD_INPUT = "bad_input"
 REJECT_DRAINING = "draining"
+REJECT_REASONS = (REJECT_AUTH, REJECT_OVERLOAD, REJECT_TIMEOUT, REJECT_BAD_INPUT, REJECT_DRAINING)
+
+# Error reasons (attnserve:request_errors_total): the non-ok statuses, `error` split in two.
+ENGINE_DEAD = "engine_dead"
+ENGINE_ERROR = "engine_error"
+ERROR_REASONS = (BAD_INPUT, TIMEOUT, ABORTED, ENGINE_DEAD, ENGINE_ERROR)
 
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0,
                 80.0, 160.0, 320.0, 640.0)
@@ -89,6 +95,20 @@ class _Metrics:
             registry=registry)
         self.kv_collector = _KVBlocksCollector()
         registry.register(self.kv_collector)
+        self._export_zero_series()
+
+    def _export_zero_series(self) -> None:
+        """Counters appear at 0 for every known label from the start, so dashboards and alerts see
+        a series (a labelled counter is otherwise absent until its first increment)."""
+        from strategies.registry import names
+
+        for reason in REJECT_REASONS:
+            self.rejected.labels(reason=reason)
+        for strategy in names():
+            for reason in ERROR_REASONS:
+                self.errors.labels(strategy=strategy, reason=reason)
+            for status in (OK, BAD_INPUT, TIMEOUT, ABORTED, ERROR):
+                self.requests.labels(strategy=strategy, status=status)
 
 
 class _KVBlocksCollector(Collector):

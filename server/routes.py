@@ -224,7 +224,7 @@ class RequestTracker:
         self.done = True
         if status == metrics.ERROR and reason is None:
             dead = self.engine_client is not None and self.engine_client.errored
-            reason = "engine_dead" if dead else "engine_error"
+            reason = metrics.ENGINE_DEAD if dead else metrics.ENGINE_ERROR
         metrics.finish_request(self.strategy, status, reason)
 
     def finish_error_code(self, code: int) -> None:
