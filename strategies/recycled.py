@@ -111,7 +111,6 @@ class RecycledStrategy(Strategy):
         if group is None:
             return
         q = group.gather(query)                       # [B, Hq, D]
-        result = torch.empty_like(q)
         full = [j for j, s in enumerate(plan.states) if plan.scheduled_full[j] or layer not in s.sel_idx]
         scheduled = set(full)
         candidates = [j for j, s in enumerate(plan.states)
@@ -123,6 +122,7 @@ class RecycledStrategy(Strategy):
         full_set = set(full)
         sparse = [j for j in range(len(plan.states)) if j not in full_set]
 
+        result = torch.empty_like(q) if full else None
         # full steps: dense attention with mass, then re-select per distinct k
         if full:
             at = torch.tensor(full, dtype=torch.int64, device=q.device)
@@ -151,26 +151,32 @@ class RecycledStrategy(Strategy):
         # sparse steps: the selection + tokens [full_len, seq_len)
         if sparse:
             hkv = self.model.num_kv_heads
-            n_sel = [plan.states[j].sel_idx[layer].shape[1] for j in sparse]
-            n_new = [group.seq_lens_cpu[j] - plan.states[j].full_len[layer] for j in sparse]
-            width = max(s + n for s, n in zip(n_sel, n_new))
-            idx = torch.zeros(len(sparse), hkv, width, dtype=torch.int32, device=q.device)
+            parts = []
+            for j in sparse:
+                state = plan.states[j]
+                fresh = torch.arange(state.full_len[layer], group.seq_lens_cpu[j], dtype=torch.int32,
+                                     device=q.device).expand(hkv, -1)
+                parts.append(torch.cat([state.sel_idx[layer], fresh], dim=1))      # [Hkv, n_sel + n_new]
+            counts = [p.shape[1] for p in parts]
+            if len(parts) == 1:
+                idx = parts[0][None]
+            else:
+                idx = torch.zeros(len(sparse), hkv, max(counts), dtype=torch.int32, device=q.device)
+                for r, p in enumerate(parts):
+                    idx[r, :, :counts[r]] = p
+            num = torch.tensor(counts, dtype=torch.int32, device=q.device)[:, None].expand(-1, hkv).contiguous()
+            if len(sparse) == len(plan.states):       # every row sparse (the usual case): no gather
+                o, _ = ops.sparse_paged_attention(q, key_cache, value_cache, group.block_table, idx, num,
+                                                  self.scale, False)
+                result = o
+            else:
+                at = torch.tensor(sparse, dtype=torch.int64, device=q.device)
+                o, _ = ops.sparse_paged_attention(q.index_select(0, at), key_cache, value_cache,
+                                                  group.block_table.index_select(0, at), idx, num, self.scale,
+                                                  False)
+                result.index_copy_(0, at, o)
             for r, j in enumerate(sparse):
-                idx[r, :, :n_sel[r]] = plan.states[j].sel_idx[layer]
-            sel_t = torch.tensor(n_sel, dtype=torch.int32, device=q.device)[:, None]
-            full_t = torch.tensor([plan.states[j].full_len[layer] for j in sparse], dtype=torch.int32,
-                                  device=q.device)[:, None]
-            new_t = torch.tensor(n_new, dtype=torch.int32, device=q.device)[:, None]
-            col = torch.arange(width, dtype=torch.int32, device=q.device)[None, :]
-            fresh = (col >= sel_t) & (col < sel_t + new_t)                       # [n, width]
-            idx = torch.where(fresh[:, None, :], (full_t + col - sel_t)[:, None, :], idx)
-            num = (sel_t + new_t).expand(-1, hkv).contiguous()
-            at = torch.tensor(sparse, dtype=torch.int64, device=q.device)
-            o, _ = ops.sparse_paged_attention(q.index_select(0, at), key_cache, value_cache,
-                                              group.block_table.index_select(0, at), idx, num, self.scale, False)
-            result.index_copy_(0, at, o)
-            for r, j in enumerate(sparse):
-                plan.count.add_host(group.rows[j], float(n_sel[r] + n_new[r]))
+                plan.count.add_host(group.rows[j], float(counts[r]))
         group.scatter(out, result)
 
     def finish_step(self, plan: RecycledPlan) -> None:

@@ -273,7 +273,16 @@ class SeerStrategy(Strategy):
             self.pooled[(group.pool, layer)] = pooled
         ops.seer_pool_keys(key_cache, group.rows.block_table, group.start_pos, group.rows.seq_lens, group.pool,
                            pooled)
-        return pooled[group.block_phys, :, group.block_slot]
+        n, nb_max = group.block_phys.shape
+        slots = page // group.pool
+        pages = -(-nb_max // slots)
+        if pages > group.rows.block_table.shape[1]:
+            return pooled[group.block_phys, :, group.block_slot]
+        # The same gather as pooled[block_phys, :, block_slot], as whole pages (one index_select, a
+        # cheap copy) instead of advanced indexing on two dims (several times slower per layer).
+        phys = group.rows.block_table[:, :pages].reshape(-1).long()
+        whole = pooled.index_select(0, phys).view(n, pages, hkv, slots, 3 * d).transpose(2, 3)
+        return whole.reshape(n, pages * slots, hkv, 3 * d)[:, :nb_max]
 
     def select(self, layer: int, q: Tensor, key_cache: Tensor, group: SeerGroup) -> tuple[Tensor, Tensor, Tensor]:
         """Decode selection: (token_idx [n, Hkv, K], num_idx [n, Hkv], probs [n, Hkv, NB])."""

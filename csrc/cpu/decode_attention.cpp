@@ -350,7 +350,8 @@ std::tuple<at::Tensor, at::Tensor> sparse_paged_attention_cpu(
   const int32_t* count_ptr = counts.data_ptr<int32_t>();
   int64_t total = 0;
   for (int i = 0; i < B * Hkv; ++i) total += std::max(0, std::min(count_ptr[i], K));
-  const int threads = at::get_num_threads();
+  // ~ total * G * D * 2 multiply-adds (scores and P @ V)
+  const int threads = threads_for(total * G * D * 2);
   int partition = static_cast<int>((total + 4 * threads - 1) / (4 * threads));
   partition = std::max(kMinPartition, (partition + kTile - 1) / kTile * kTile);
 
@@ -422,7 +423,9 @@ std::tuple<at::Tensor, at::Tensor> sparse_paged_attention_cpu(
       for (int h = 0; h < G; ++h) {
         const float* s = logit_ptr + (static_cast<int64_t>(bg) * G + h) * K;
         const float inv = row_sum[h] > 0.f ? 1.f / row_sum[h] : 0.f;
-        for (int j = 0; j < n; ++j) m[j] += std::exp(s[j] - row_max[h]) * inv;
+        const float mh = row_max[h];
+#pragma omp simd
+        for (int j = 0; j < n; ++j) m[j] += exp_nonpositive(s[j] - mh) * inv;
       }
     }
   }

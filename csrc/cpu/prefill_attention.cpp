@@ -307,7 +307,11 @@ at::Tensor paged_prefill_attention_cpu(
                                      : pick_kernel<float>(D);
   const int64_t scratch_size = (int64_t)kQueryTile * problem.G * (D + 2) + 2 * D * kKeyTile;
   const int n_tiles = tiles.size();
-#pragma omp parallel num_threads(at::get_num_threads())
+  // Work bound: every tile's queries against (at most) its causal keys.
+  int64_t work = 0;
+  for (const QueryTile& t : tiles) work += (int64_t)t.n_queries * (t.q_pos + t.n_queries);
+  const int threads = threads_for(work * problem.G * D * 2);
+#pragma omp parallel num_threads(threads)
   {
     std::vector<float> scratch(scratch_size);
 #pragma omp for schedule(dynamic, 1)

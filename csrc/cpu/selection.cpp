@@ -45,7 +45,8 @@ void summarise_chunks(const at::Tensor& key_cache, const std::vector<Chunk>& chu
   const int slots = page / chunk;
   const int width = kmean ? 3 * D : D;  // seer: (max, min, mean) in one row
   const int n = chunks.size();
-#pragma omp parallel for schedule(dynamic, 4) num_threads(at::get_num_threads())
+  const int threads = threads_for((int64_t)n * Hkv * chunk * D * 3);
+#pragma omp parallel for schedule(dynamic, 4) num_threads(threads)
   for (int i = 0; i < n * Hkv; ++i) {
     const Chunk& c = chunks[i / Hkv];
     const int g = i % Hkv;
@@ -175,7 +176,10 @@ std::tuple<at::Tensor, at::Tensor> landmark_select_cpu(
   int32_t* idx_ptr = token_idx.data_ptr<int32_t>();
   int32_t* num_ptr = num_idx.data_ptr<int32_t>();
   const int64_t table_stride = table.size(1);
-#pragma omp parallel for schedule(dynamic, 1) num_threads(at::get_num_threads())
+  int64_t work = 0;
+  for (int b = 0; b < B; ++b) work += (int64_t)Hkv * G * D * 2 * ((len_ptr[b] + chunk - 1) / chunk);
+  const int threads = threads_for(work);
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
   for (int bg = 0; bg < B * Hkv; ++bg) {
     const int b = bg / Hkv, g = bg % Hkv;
     const int seq_len = len_ptr[b];
@@ -224,7 +228,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> seer_select_cpu(
   int32_t* num_ptr = num_idx.data_ptr<int32_t>();
   float* prob_ptr = probs.data_ptr<float>();
   const float inv_sqrt = 1.f / std::sqrt((float)Dg);
-#pragma omp parallel for schedule(dynamic, 1) num_threads(at::get_num_threads())
+  const int threads = threads_for((int64_t)B * Hkv * NB * (Dg + 16));
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
   for (int bg = 0; bg < B * Hkv; ++bg) {
     const int b = bg / Hkv;
     const int nb = std::min(count_ptr[b], NB);
@@ -272,7 +277,8 @@ std::tuple<at::Tensor, at::Tensor> topk_from_mass_cpu(const at::Tensor& mass,
   const int32_t* count_ptr = counts.data_ptr<int32_t>();
   int32_t* out_ptr = sel_idx.data_ptr<int32_t>();
   int32_t* out_num = sel_num.data_ptr<int32_t>();
-#pragma omp parallel for schedule(dynamic, 1) num_threads(at::get_num_threads())
+  const int threads = threads_for((int64_t)B * Hkv * K * 16);
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
   for (int bg = 0; bg < B * Hkv; ++bg) {
     const int n = std::max(0, std::min(count_ptr[bg], K));
     const float* w = m_ptr + (int64_t)bg * K;
@@ -280,9 +286,13 @@ std::tuple<at::Tensor, at::Tensor> topk_from_mass_cpu(const at::Tensor& mass,
     std::vector<int> order(n);
     std::iota(order.begin(), order.end(), 0);
     const int keep = std::min<int64_t>(k, n);
-    std::partial_sort(order.begin(), order.begin() + keep, order.end(), [&](int a, int b) {
+    const auto heavier = [&](int a, int b) {
       return w[a] > w[b] || (w[a] == w[b] && pos[a] < pos[b]);
-    });
+    };
+    // The set of the `keep` heaviest (a strict total order, so the same set as a full sort);
+    // their order does not matter: the output is sorted by position below. O(n) instead of
+    // partial_sort's O(n log keep).
+    if (keep > 0 && keep < n) std::nth_element(order.begin(), order.begin() + (keep - 1), order.end(), heavier);
     int32_t* out = out_ptr + (int64_t)bg * k;
     for (int i = 0; i < keep; ++i) out[i] = pos[order[i]];
     std::sort(out, out + keep);
