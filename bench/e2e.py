@@ -1,8 +1,8 @@
 """End-to-end decode speed through the server: time per output token (TPOT) of each strategy vs
 ``full`` and vs stock vLLM (the same server with our plugin excluded through ``VLLM_PLUGINS``).
 
-    .venv/bin/python bench/e2e.py                       # 2k/4k/8k prompts, batch 1 and 8, budget 1/8
-    .venv/bin/python bench/e2e.py --lengths 2048 --batches 1 --new-tokens 16
+    .venv/bin/python -m bench.e2e                       # 2k/4k/8000 prompts, batch 1 and 8, budget 1/8
+    .venv/bin/python -m bench.e2e --lengths 2048 --batches 1 --new-tokens 16
 
 Each cell sends ``batch`` concurrent streaming completions of ``--new-tokens`` tokens (greedy, EOS
 ignored) whose prompts are natural text cut to the length, and reports the steady decode time per
@@ -26,6 +26,8 @@ import time
 from pathlib import Path
 
 import httpx
+
+from bench.client import stop_process_group, wait_healthy
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL_DIR = Path("~/.cache/attnserve/models/SmolLM2-135M-Instruct").expanduser()
@@ -60,31 +62,6 @@ def start_server(port: int, plugin: bool, log: Path, max_model_len: int) -> subp
            "--engine-arg", "max_num_seqs=8", "--engine-arg", "enable_prefix_caching=false"]
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
                             start_new_session=True)
-
-
-def wait_healthy(base: str, proc: subprocess.Popen, log: Path, timeout: float = 900) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited:\n{log.read_text()[-4000:]}")
-        try:
-            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(2)
-    raise TimeoutError(f"server not healthy:\n{log.read_text()[-4000:]}")
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    import signal
-
-    try:
-        os.killpg(proc.pid, signal.SIGINT)
-        proc.wait(60)
-    except (subprocess.TimeoutExpired, ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
 
 
 async def one_request(client: httpx.AsyncClient, base: str, model: str, ids: list[int], new_tokens: int,
@@ -126,7 +103,7 @@ async def cell(base: str, model: str, prompts: list[list[int]], new_tokens: int,
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8000])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--budget", type=float, default=0.125)
     parser.add_argument("--new-tokens", type=int, default=32)
@@ -148,7 +125,7 @@ def main() -> int:
         log = Path(tempfile.mkdtemp()) / f"{server_name}.log"
         proc = start_server(args.port, plugin, log, max_len)
         try:
-            wait_healthy(base, proc, log)
+            wait_healthy(base, proc, timeout_s=900, log_path=log)
             names = args.strategies if plugin else ["full"]
             for length in args.lengths:
                 for batch in args.batches:
@@ -162,7 +139,7 @@ def main() -> int:
                         results[key] = asyncio.run(cell(base, model, prompts, args.new_tokens, attention))
                         print(f"{key}: {results[key] * 1000:.1f} ms/token", flush=True)
         finally:
-            stop_server(proc)
+            stop_process_group(proc)
 
     rows = [n for n in args.strategies] + ([] if args.no_stock else ["stock"])
     print(f"\nTPOT ms/token (ratio vs full | vs stock), budget {args.budget}, {args.new_tokens} new tokens")
