@@ -444,6 +444,7 @@ class Strategy:
 
     def release(self, request_id: str) -> None:
         """Drop every piece of state of ``request_id`` (including its stats: read them first)."""
+        self.reset(request_id)
         self._attended.pop(request_id, None)
         self._total.pop(request_id, None)
 

@@ -156,7 +156,3 @@ class LandmarkStrategy(Strategy):
 
     def reset(self, request_id: str) -> None:
         self.summarised.pop(request_id, None)
-
-    def release(self, request_id: str) -> None:
-        self.summarised.pop(request_id, None)
-        super().release(request_id)

@@ -189,9 +189,5 @@ class RecycledStrategy(Strategy):
     def reset(self, request_id: str) -> None:
         self.states.pop(request_id, None)
 
-    def release(self, request_id: str) -> None:
-        self.states.pop(request_id, None)
-        super().release(request_id)
-
     def state(self, request_id: str) -> Optional[RecycledState]:
         return self.states.get(request_id)

@@ -368,7 +368,3 @@ class SeerStrategy(Strategy):
 
     def reset(self, request_id: str) -> None:
         self.pooled_upto.pop(request_id, None)
-
-    def release(self, request_id: str) -> None:
-        self.pooled_upto.pop(request_id, None)
-        super().release(request_id)
