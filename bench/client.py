@@ -36,6 +36,8 @@ class Completion:
     token_ids: list[int] = field(default_factory=list)
     # per generated token: {token_id: logprob} of the top-k (empty without logprobs)
     top_logprobs: list[dict[int, float]] = field(default_factory=list)
+    # per generated token: its own logprob (with logprobs >= 0)
+    token_logprobs: list[float | None] = field(default_factory=list)
     prompt_logprobs: list[float | None] | None = None  # logprob of each prompt token (first: None)
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
@@ -104,7 +106,11 @@ class Client:
         stream: bool = True,
         ignore_eos: bool = False,
         stop: list[str] | None = None,
+        force_tokens: list[int] | None = None,
     ) -> Completion:
+        """`force_tokens`: the output must be these tokens (teacher forcing, sent as
+        `vllm_xargs.attnserve_force_tokens`); with `logprobs=0` each comes back with the model's
+        logprob of it."""
         body: dict[str, Any] = {
             "model": self.model,
             "prompt": prompt_ids,
@@ -122,6 +128,8 @@ class Client:
             body["ignore_eos"] = True
         if stop:
             body["stop"] = stop
+        if force_tokens is not None:
+            body["vllm_xargs"] = {"attnserve_force_tokens": list(force_tokens)}
         if stream:
             body["stream"] = True
             body["stream_options"] = {"include_usage": True}
@@ -208,6 +216,8 @@ def add_logprobs(result: Completion, logprobs: dict | None) -> None:
         result.token_ids.append(parse_token_key(key))
     for top in logprobs.get("top_logprobs") or []:
         result.top_logprobs.append({parse_token_key(k): float(v) for k, v in (top or {}).items()})
+    for value in logprobs.get("token_logprobs") or []:
+        result.token_logprobs.append(None if value is None else float(value))
 
 
 def prompt_token_logprobs(entries: list, prompt_ids: list[int]) -> list[float | None]:

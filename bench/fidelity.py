@@ -15,17 +15,24 @@ the top-k logprobs of every step (k = 20, vLLM's default `max_logprobs`):
   strategy's top-k, this coarsened KL is exact and a lower bound of the true KL (data-processing
   inequality); a token missing from the strategy's top-k gets min(the strategy's k-th probability,
   its remaining mass / (missing + 1)), which makes it an estimate.
-- `ppl_ratio`: perplexity of the prompt's second half under the strategy over that under full,
-  from vLLM's `prompt_logprobs` (teacher-forced over the prompt). Prompt logprobs come from the
-  prefill, so this measures the strategy's *prefill* attention: it is measured only for strategies
-  whose prefill is sparse (`dense_prefill: false` in GET /v1/strategies: sink, seer). For
-  dense-prefill strategies (recycled, landmark) it is 1 by construction and reported as null;
-  their decode-time effect is what `agreement` and `kl` measure (vLLM cannot teacher-force decode
-  steps through the API).
+- `decode_ppl_ratio`: perplexity of the text's true continuation (the next 64 tokens of the
+  corpus after the prompt) under the strategy over that under full, teacher-forced: the request
+  forces its output to be those tokens (`vllm_xargs.attnserve_force_tokens`, strategies/forcing.py)
+  and returns the model's raw logprob of each, so every scored token comes from a *decode* step
+  under the strategy's attention. The first output token is sampled from the prefill's forward
+  pass (dense for recycled and landmark), so it is left out: the perplexity is over tokens 2..64
+  (63 decode steps), for every strategy alike. This is the perplexity ratio that measures
+  decode-time attention, for all strategies.
+- `prompt_ppl_ratio`: perplexity of the prompt's second half under the strategy over that under
+  full, from vLLM's `prompt_logprobs` (teacher-forced over the prompt). Prompt logprobs come from
+  the prefill, so this measures the strategy's *prefill* attention: it is measured only for
+  strategies whose prefill is sparse (`dense_prefill: false` in GET /v1/strategies: sink, seer).
+  For dense-prefill strategies (recycled, landmark) it is 1 by construction and reported as null.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 from dataclasses import dataclass
@@ -34,6 +41,8 @@ from functools import lru_cache
 from bench.tasks import natural_documents
 
 CONTINUATION_TOKENS = 64
+# Output tokens left out of the decode perplexity: the first comes from the prefill forward pass.
+DECODE_PPL_SKIP = 1
 TOP_LOGPROBS = 20
 PROB_FLOOR = 1e-10
 
@@ -46,6 +55,7 @@ class TextSample:
     source: str
     offset: int  # token offset in the concatenated corpus
     prompt_ids: list[int]
+    continuation_ids: list[int] = dataclasses.field(default_factory=list)  # the text's next tokens
 
     @property
     def sample_id(self) -> str:
@@ -66,17 +76,20 @@ def corpus_tokens(tokenizer) -> tuple[tuple[str, int, tuple[int, ...]], ...]:
     return tuple(out)
 
 
-def text_sample(length: int, tokenizer, seed: int = 0, index: int = 0) -> TextSample:
-    """L tokens of natural text from a seeded offset in the concatenated corpus (wrapping)."""
+def text_sample(length: int, tokenizer, seed: int = 0, index: int = 0,
+                continuation: int = CONTINUATION_TOKENS) -> TextSample:
+    """L tokens of natural text from a seeded offset in the concatenated corpus (wrapping), and
+    the `continuation` tokens that follow them there."""
     docs = corpus_tokens(tokenizer)
     stream: list[int] = [t for _, _, ids in docs for t in ids]
-    if length > len(stream):
-        raise ValueError(f"length {length} exceeds the offline corpus ({len(stream)} tokens)")
+    if length + continuation > len(stream):
+        raise ValueError(f"length {length} + {continuation} exceeds the offline corpus "
+                         f"({len(stream)} tokens)")
     rng = random.Random(f"{seed}:text:{length}:{index}")
     offset = rng.randrange(len(stream))
-    ids = (stream + stream[:length])[offset:offset + length]
+    window = (stream + stream[:length + continuation])[offset:offset + length + continuation]
     source = next(name for name, start, doc in reversed(docs) if start <= offset)
-    return TextSample(length, index, seed, source, offset, ids)
+    return TextSample(length, index, seed, source, offset, window[:length], window[length:])
 
 
 def agreement(reference: list[int], candidate: list[int]) -> float:
@@ -145,3 +158,12 @@ def second_half_nll(prompt_logprobs: list[float | None]) -> float:
 
 def ppl_ratio(strategy_nll: float, full_nll: float) -> float:
     return math.exp(strategy_nll - full_nll)
+
+
+def forced_nll(token_logprobs: list[float | None], skip: int = DECODE_PPL_SKIP) -> float:
+    """Mean negative log-likelihood of teacher-forced output tokens, the first `skip` left out
+    (the first output token comes from the prefill)."""
+    values = [v for v in token_logprobs[skip:] if v is not None]
+    if not values:
+        return float("nan")
+    return -sum(values) / len(values)

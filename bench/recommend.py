@@ -2,7 +2,8 @@
 
 Reads a `sweep.json` of `attnserve eval`, takes the rows measured at the prompt length closest to
 `--prompt-len` (the longer on a tie), keeps those whose fidelity metric is at least
-`--min-fidelity` (and whose KL is at most `--max-kl` if given), and picks the one that attends the
+`--min-fidelity` (and whose KL is at most `--max-kl`, whose perplexity ratios are at most
+`--max-ppl-ratio`, if given), and picks the one that attends the
 smallest share of the context per decode step (`nominal_fraction`), the faster (TPOT) on a tie.
 `full` qualifies by definition, so there is always an answer; it is the answer when nothing sparser
 meets the floor.
@@ -10,6 +11,10 @@ meets the floor.
 Metrics: `agreement` (default; greedy tokens equal to full's, position-wise, natural text),
 `prefix` (common greedy prefix with full), `score_ratio` (mean task score over full's at the same
 length; rows where full scores 0 are not comparable and are left out).
+
+`--max-ppl-ratio R` bounds the teacher-forced decode perplexity ratio (`decode_ppl_ratio`; a row
+without one does not qualify) and, where it was measured (sparse prefill), the prompt perplexity
+ratio (`prompt_ppl_ratio`).
 """
 
 from __future__ import annotations
@@ -36,8 +41,16 @@ def metric_value(row: dict, metric: str, full_row: dict | None) -> float | None:
     return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
 
 
+def ppl_ok(row: dict, max_ppl_ratio: float | None) -> bool:
+    if max_ppl_ratio is None or row["strategy"] == "full":
+        return True
+    decode = row.get("decode_ppl_ratio")
+    prompt = row.get("prompt_ppl_ratio")
+    return decode is not None and decode <= max_ppl_ratio and (prompt is None or prompt <= max_ppl_ratio)
+
+
 def recommend(result: dict, min_fidelity: float, prompt_len: int, metric: str = "agreement",
-              max_kl: float | None = None) -> dict:
+              max_kl: float | None = None, max_ppl_ratio: float | None = None) -> dict:
     rows = result["rows"]
     if not rows:
         raise ValueError("the sweep has no rows")
@@ -51,9 +64,12 @@ def recommend(result: dict, min_fidelity: float, prompt_len: int, metric: str = 
         value = metric_value(row, metric, full_row)
         kl_ok = max_kl is None or row["strategy"] == "full" or (row.get("kl") is not None and row["kl"] <= max_kl)
         entry = {"config": row["config"], "strategy": row["strategy"], "budget": row.get("budget"),
-                 "metric": value, "kl": row.get("kl"), "nominal_fraction": row.get("nominal_fraction"),
+                 "metric": value, "kl": row.get("kl"), "decode_ppl_ratio": row.get("decode_ppl_ratio"),
+                 "prompt_ppl_ratio": row.get("prompt_ppl_ratio"),
+                 "nominal_fraction": row.get("nominal_fraction"),
                  "tpot_ms": row.get("tpot_ms"), "errors": row.get("errors", 0)}
-        if value is not None and value >= min_fidelity and kl_ok and not row.get("errors"):
+        if (value is not None and value >= min_fidelity and kl_ok and ppl_ok(row, max_ppl_ratio)
+                and not row.get("errors")):
             candidates.append((row, entry))
         else:
             rejected.append(entry)
@@ -72,7 +88,7 @@ def recommend(result: dict, min_fidelity: float, prompt_len: int, metric: str = 
     params = config.params_for(prompt_len)
     return {
         "prompt_len": prompt_len, "measured_length": length, "metric": metric, "min_fidelity": min_fidelity,
-        "max_kl": max_kl, "choice": best,
+        "max_kl": max_kl, "max_ppl_ratio": max_ppl_ratio, "choice": best,
         "attention": {"strategy": config.strategy, "params": params},
         "nominal_fraction_at_prompt_len": nominal_fraction(config.strategy, params, prompt_len),
         "candidates": sorted((e for _, e in candidates), key=lambda e: (e["nominal_fraction"] or 1.0)),
@@ -85,7 +101,8 @@ def describe(rec: dict) -> str:
     c = rec["choice"]
     lines = [
         f"model {rec['model']}, prompt {rec['prompt_len']} tokens (measured at {rec['measured_length']}), "
-        f"floor {rec['metric']} >= {rec['min_fidelity']}" + (f", KL <= {rec['max_kl']}" if rec["max_kl"] else ""),
+        f"floor {rec['metric']} >= {rec['min_fidelity']}" + (f", KL <= {rec['max_kl']}" if rec["max_kl"] else "")
+        + (f", ppl ratio <= {rec['max_ppl_ratio']}" if rec.get("max_ppl_ratio") else ""),
         f"recommended: {c['config']} ({rec['metric']} {c['metric']:.3f}, attends "
         f"{(c['nominal_fraction'] or 1.0):.3f} of the context per decode step at {rec['measured_length']} tokens"
         + (f", TPOT {c['tpot_ms']:.1f} ms" if c.get("tpot_ms") else "") + ")",
@@ -111,13 +128,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt-len", type=int, required=True, help="the prompt length to serve, in tokens")
     parser.add_argument("--metric", choices=METRICS, default="agreement")
     parser.add_argument("--max-kl", type=float, default=None, help="also require KL(full || strategy) <= this")
+    parser.add_argument("--max-ppl-ratio", type=float, default=None,
+                        help="also require the decode perplexity ratio (teacher-forced continuation) "
+                             "and, where measured, the prompt perplexity ratio <= this, e.g. 1.05")
     parser.add_argument("--json", action="store_true", help="print the recommendation as JSON")
 
 
 def run(args: argparse.Namespace) -> int:
     result = json.loads(Path(args.results).read_text())
     try:
-        rec = recommend(result, args.min_fidelity, args.prompt_len, args.metric, args.max_kl)
+        rec = recommend(result, args.min_fidelity, args.prompt_len, args.metric, args.max_kl,
+                        args.max_ppl_ratio)
     except ValueError as err:
         print(f"attnserve recommend: {err}", file=sys.stderr)
         return 1

@@ -41,9 +41,10 @@ from bench.client import Client, Completion, add_server_arguments, gather_limite
 DEFAULT_STRATEGIES = "full,sink,recycled,landmark,seer"
 DEFAULT_BUDGETS = "256,1024,0.125,0.25"
 DEFAULT_LENGTHS = "1024,2048,4096"
-# Per-strategy parameters used unless --strategy-params overrides them: seer without a calibrated
-# gate file runs the training-free identity gate (labelled in every table).
-DEFAULT_EXTRA: dict[str, dict] = {"seer": {"gates": "identity"}}
+# Per-strategy parameters used unless --strategy-params overrides them (labelled in every table). Seer
+# uses the gates the server finds for the model (calibrated, or shipped for the embedded model);
+# --strategy-params seer='{"gates": "identity"}' runs the training-free identity gate instead.
+DEFAULT_EXTRA: dict[str, dict] = {}
 DEFAULT_BLOCK = {"landmark": 16, "seer": 64}
 DEFAULT_SINK = 4
 
@@ -181,7 +182,7 @@ def parse_strategy_params(values: list[str]) -> dict[str, dict]:
 
 @dataclass
 class Job:
-    kind: str  # "task" | "text" | "ppl"
+    kind: str  # "task" | "text" | "ppl" (prompt logprobs) | "forced" (teacher-forced continuation)
     config: Config
     length: int
     sample: Any
@@ -196,6 +197,13 @@ async def run_job(client: Client, job: Job) -> Job:
     elif job.kind == "text":
         job.result = await client.complete(job.sample.prompt_ids, fid.CONTINUATION_TOKENS, attention,
                                            logprobs=fid.TOP_LOGPROBS, ignore_eos=True)
+    elif job.kind == "forced":
+        job.result = await client.complete(job.sample.prompt_ids, len(job.sample.continuation_ids),
+                                           attention, logprobs=0, ignore_eos=True, stream=False,
+                                           force_tokens=job.sample.continuation_ids)
+        if job.result.ok and job.result.token_ids != job.sample.continuation_ids:
+            job.result.ok = False
+            job.result.error = "the server did not return the forced tokens"
     else:
         job.result = await client.complete(job.sample.prompt_ids, 1, attention, prompt_logprobs=0,
                                            stream=False)
@@ -223,6 +231,8 @@ def job_record(job: Job, tokenizer) -> dict:
     if job.kind == "task":
         record.update(task=job.sample.task, depth=job.sample.depth, references=job.sample.references,
                       needle_depths=job.sample.needle_depths)
+    if job.kind == "forced":
+        record["forced_tokens"] = len(job.sample.continuation_ids)
     if r is not None and r.ok:
         record.update(output=r.text, finish_reason=r.finish_reason, completion_tokens=r.completion_tokens,
                       ttft_s=r.ttft_s, tpot_s=r.tpot_s, e2e_s=r.e2e_s, attention=r.attention)
@@ -230,16 +240,21 @@ def job_record(job: Job, tokenizer) -> dict:
             record["score"] = tk.string_match_all(r.text, job.sample.references)
         if job.kind == "text":
             record["token_ids"] = r.token_ids
+        if job.kind == "forced":
+            record["token_logprobs"] = r.token_logprobs
         record.update(job.extra)
     return record
 
 
 def text_metrics(jobs: list[Job]) -> None:
-    """Fill `extra` of text/ppl jobs with their fidelity to the full job of the same prompt."""
+    """Fill `extra` of text/ppl/forced jobs with their fidelity to the full job of the same prompt
+    (agreement/prefix/KL; prompt ppl ratio; decode ppl ratio of the teacher-forced continuation)."""
     full_text = {(j.length, j.sample.sample_id): j for j in jobs
                  if j.kind == "text" and j.config.strategy == "full" and j.result and j.result.ok}
     full_ppl = {(j.length, j.sample.sample_id): j for j in jobs
                 if j.kind == "ppl" and j.config.strategy == "full" and j.result and j.result.ok}
+    full_forced = {(j.length, j.sample.sample_id): j for j in jobs
+                   if j.kind == "forced" and j.config.strategy == "full" and j.result and j.result.ok}
     for job in jobs:
         if not (job.result and job.result.ok):
             continue
@@ -251,7 +266,11 @@ def text_metrics(jobs: list[Job]) -> None:
         elif job.kind == "ppl" and key in full_ppl and job.result.prompt_logprobs:
             nll = fid.second_half_nll(job.result.prompt_logprobs)
             full_nll = fid.second_half_nll(full_ppl[key].result.prompt_logprobs)
-            job.extra.update(nll=nll, ppl_ratio=fid.ppl_ratio(nll, full_nll))
+            job.extra.update(nll=nll, prompt_ppl_ratio=fid.ppl_ratio(nll, full_nll))
+        elif job.kind == "forced" and key in full_forced:
+            nll = fid.forced_nll(job.result.token_logprobs)
+            full_nll = fid.forced_nll(full_forced[key].result.token_logprobs)
+            job.extra.update(decode_nll=nll, decode_ppl_ratio=fid.ppl_ratio(nll, full_nll))
 
 
 def mean(values: list[float]) -> float | None:
@@ -282,6 +301,8 @@ def aggregate(records: list[dict], configs: list[Config], lengths: list[int], nu
             task_scores = {t: mean(v) for t, v in sorted(per_task.items())}
             text = [r for r in ok if r["kind"] == "text"]
             ppl = [r for r in ok if r["kind"] == "ppl"]
+            forced = [r for r in ok if r["kind"] == "forced"]
+            decode_nll = mean([r.get("decode_nll") for r in forced])
             timed = text or task_recs
             params = config.params_for(length)
             rows.append({
@@ -296,7 +317,9 @@ def aggregate(records: list[dict], configs: list[Config], lengths: list[int], nu
                 "agreement": mean([r.get("agreement") for r in text]),
                 "prefix": mean([r.get("prefix") for r in text]),
                 "kl": mean([r.get("kl") for r in text]),
-                "ppl_ratio": mean([r.get("ppl_ratio") for r in ppl]),
+                "decode_ppl_ratio": mean([r.get("decode_ppl_ratio") for r in forced]),
+                "decode_ppl": None if decode_nll is None else math.exp(decode_nll),
+                "prompt_ppl_ratio": mean([r.get("prompt_ppl_ratio") for r in ppl]),
                 "n_text_samples": len(text),
                 "tpot_ms": None if median([r.get("tpot_s") for r in timed]) is None
                 else 1000 * median([r.get("tpot_s") for r in timed]),
@@ -325,6 +348,8 @@ def command_line(args: argparse.Namespace) -> str:
         parts += ["--strategy-params", value]
     if not args.ppl:
         parts.append("--no-ppl")
+    if not args.decode_ppl:
+        parts.append("--no-decode-ppl")
     if args.ppl_all:
         parts.append("--ppl-all")
     return " ".join(shlex.quote(p) for p in parts)
@@ -416,6 +441,8 @@ def run_sweep(args: argparse.Namespace, base_url: str) -> dict:
             sparse_prefill = not (offered.get(config.strategy) or {}).get("dense_prefill", True)
             if args.ppl and (config.strategy == "full" or sparse_prefill or args.ppl_all):
                 jobs += [Job("ppl", config, length, t) for t in texts]
+            if args.decode_ppl:
+                jobs += [Job("forced", config, length, t) for t in texts]
     # longest prompts first, so the tail of the run is short requests
     jobs.sort(key=lambda j: -j.length)
     print(f"{len(jobs)} requests: {len(configs)} configurations x lengths {lengths} "
@@ -492,12 +519,14 @@ def markdown(result: dict, plots: list[str]) -> str:
                          + " | ".join(fmt(r["task_scores"].get(t)) for t in tasks)
                          + f" | {fmt(r['score'])} | {r['n_task_samples']} |")
     lines += ["", "### Fidelity to full attention (natural text, 64 greedy tokens)", "",
-              "| config | length | keep | agreement | prefix | KL (nats) | ppl ratio | n |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|"]
+              "| config | length | keep | agreement | prefix | KL (nats) | decode ppl ratio | "
+              "prompt ppl ratio | n |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['config']} | {r['length']} | {fmt(r['nominal_fraction'], 3)} | "
                      f"{fmt(r['agreement'], 3)} | {fmt(r['prefix'], 3)} | {fmt(r['kl'], 4)} | "
-                     f"{fmt(r['ppl_ratio'], 4)} | {r['n_text_samples']} |")
+                     f"{fmt(r.get('decode_ppl_ratio'), 4)} | {fmt(r.get('prompt_ppl_ratio'), 4)} | "
+                     f"{r['n_text_samples']} |")
     lines += ["", "### Speed inside the sweep (concurrent requests; medians)", "",
               "| config | length | TTFT ms | TPOT ms | attended fraction (server) | errors |",
               "|---|---:|---:|---:|---:|---:|"]
@@ -507,8 +536,11 @@ def markdown(result: dict, plots: list[str]) -> str:
                      f"{fmt(r['attended_fraction'], 3)} | {err} |")
     lines += ["", "keep: the share of the context one decode step attends (nominal, from the parameters); "
               "agreement/prefix: greedy tokens equal to full's (position-wise / common prefix); KL: "
-              "mean KL(full || strategy) over full's top-20 + other, on the common prefix; ppl ratio: "
-              "prompt perplexity (second half) over full's, measured for sparse-prefill strategies only; "
+              "mean KL(full || strategy) over full's top-20 + other, on the common prefix; decode ppl "
+              "ratio: perplexity of the text's true next 64 tokens, teacher-forced, over full's, "
+              "scored on the 63 tokens produced by decode steps (the first comes from the prefill); "
+              "prompt ppl ratio: prompt perplexity (second half) over full's, from the prefill, "
+              "measured for sparse-prefill strategies only; "
               "attended fraction: the server's report, which counts the prefill too."]
     if plots:
         lines += [""] + [f"![{p}]({p})" for p in plots]
@@ -658,12 +690,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="natural-text prompts per length for fidelity (0: none)")
     parser.add_argument("--no-ppl", dest="ppl", action="store_false",
                         help="skip the prompt-perplexity requests")
+    parser.add_argument("--no-decode-ppl", dest="decode_ppl", action="store_false",
+                        help="skip the teacher-forced continuation requests (decode ppl ratio)")
     parser.add_argument("--ppl-all", action="store_true",
                         help="measure the prompt perplexity of dense-prefill strategies too (ratio 1 by "
                              "construction; a check)")
     parser.add_argument("--strategy-params", action="append", default=[], metavar="NAME=JSON",
                         help="fixed params of a strategy, e.g. sink='{\"n_sink\": 64}' (repeatable); "
-                             "seer defaults to {\"gates\": \"identity\"}")
+                             "seer uses the server's gates for the model unless given")
     parser.add_argument("--concurrency", type=int, default=4, help="requests in flight")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="eval-results", help="output folder")

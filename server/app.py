@@ -90,6 +90,12 @@ async def init_state(app: FastAPI, engine_client, args: argparse.Namespace, sett
         raise SystemExit(f"attnserve serve: --default-strategy {settings.default_strategy!r} "
                          f"cannot be served: {err.message}") from None
     app.state.attention_policy = policy
+    from server.config import forcing_enabled
+    from server.forcing import ForcingPolicy
+
+    model_config = engine_client.vllm_config.model_config
+    app.state.forcing = ForcingPolicy(enabled=forcing_enabled(model_config.logits_processors),
+                                      vocab_size=model_config.get_vocab_size())
     from server import metrics
     from server.routes import observe_engine_client
 

@@ -74,7 +74,9 @@ class ServeSettings:
             argv += ["--distributed-executor-backend", self.distributed_executor_backend]
         argv += routing_backend_argv()
         for key, value in self.engine_args:
-            argv += engine_arg_to_argv(key, value)
+            if key != "logits-processors":
+                argv += engine_arg_to_argv(key, value)
+        argv += logits_processors_argv(self.engine_args)
         return argv
 
     def vllm_namespace(self) -> argparse.Namespace:
@@ -100,6 +102,29 @@ def routing_backend_argv() -> list[str]:
     if plugins is not None and "attnserve" not in [name.strip() for name in plugins.split(",")]:
         return []
     return ["--attention-backend", "CUSTOM"]
+
+
+def logits_processors_argv(engine_args: tuple[tuple[str, str], ...]) -> list[str]:
+    """vLLM's `--logits-processors`: attnserve's teacher-forcing processor
+    (strategies/forcing.py, `vllm_xargs.attnserve_force_tokens`) plus any given with
+    `--engine-arg logits-processors=A,B` (vLLM keeps only the last `--logits-processors`). Left out
+    with speculative decoding, where vLLM refuses custom logits processors: forcing is then
+    unavailable and such requests get a 400."""
+    from strategies.forcing import PROCESSOR_FQCN
+
+    given = [name for key, value in engine_args if key == "logits-processors"
+             for name in value.replace(",", " ").split()]
+    speculative = any(key == "speculative-config" for key, _ in engine_args)
+    names = given if speculative else [PROCESSOR_FQCN, *(n for n in given if n != PROCESSOR_FQCN)]
+    return ["--logits-processors", *names] if names else []
+
+
+def forcing_enabled(logits_processors: list | tuple | None) -> bool:
+    """Whether the engine was started with the teacher-forcing processor."""
+    from strategies.forcing import PROCESSOR_FQCN, ForcedTokensLogitsProcessor
+
+    return any(p == PROCESSOR_FQCN or p is ForcedTokensLogitsProcessor
+               for p in (logits_processors or ()))
 
 
 def parse_engine_arg(text: str) -> tuple[str, str]:

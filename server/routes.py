@@ -35,6 +35,13 @@ from server.attention import (
 )
 from server.config import ServeSettings
 from server.errors import bad_request, error_response
+from server.forcing import (
+    FORCE_TOKENS_KEY,
+    ForceTokensError,
+    ForcingPolicy,
+    check_compatible,
+    pop_force_tokens,
+)
 
 router = APIRouter()
 
@@ -163,13 +170,18 @@ PROTOCOLS = {"cmpl": BoundedCompletionRequest, "chatcmpl": BoundedChatCompletion
 async def prepare(
     raw_request: Request, protocol: type[pydantic.BaseModel], prefix: str
 ) -> tuple[Any, Any, list[str]] | JSONResponse:
-    """Body → (vLLM protocol request with our extra_args, AttentionChoice, engine ids), or a 400."""
+    """Body → (vLLM protocol request with our extra_args, AttentionChoice, engine ids), or a 400.
+    Our keys of `vllm_xargs` (the attention choice, `attnserve_force_tokens`) are taken out and
+    validated before vLLM's protocol sees the body."""
     policy: AttentionPolicy = raw_request.app.state.attention_policy
+    forcing: ForcingPolicy = getattr(raw_request.app.state, "forcing", ForcingPolicy(False))
     try:
         body = await read_json_object(raw_request)
         requested = pop_attention_request(body)
+        force_given, force_value = pop_force_tokens(body)
         choice = policy.resolve(requested)
-    except (BodyError, AttentionFieldError) as err:
+        forced = forcing.parse(force_value) if force_given else None
+    except (BodyError, AttentionFieldError, ForceTokensError) as err:
         metrics.reject(metrics.REJECT_BAD_INPUT)
         return bad_request(err.message, err.param)
     try:
@@ -186,10 +198,18 @@ async def prepare(
     if refused is not None:
         metrics.reject(metrics.REJECT_BAD_INPUT)
         return refused
+    ours = extra_args_for(choice)
+    if forced is not None:
+        try:
+            check_compatible(request)
+        except ForceTokensError as err:
+            metrics.reject(metrics.REJECT_BAD_INPUT)
+            return bad_request(err.message, err.param)
+        ours[FORCE_TOKENS_KEY] = forced
     engine_ids = engine_request_ids(prefix, request, raw_request)
     # vLLM copies `vllm_xargs` into SamplingParams.extra_args (to_sampling_params); the protocol
     # limits its values to scalars for clients, so ours are set after validation.
-    request.vllm_xargs = {**(request.vllm_xargs or {}), **extra_args_for(choice)}
+    request.vllm_xargs = {**(request.vllm_xargs or {}), **ours}
     return request, choice, engine_ids
 
 

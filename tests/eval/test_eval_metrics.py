@@ -49,6 +49,23 @@ def test_ppl_ratio_from_prompt_logprobs():
     assert ratio == pytest.approx(math.e)
 
 
+def test_decode_nll_leaves_out_the_prefill_token():
+    # the first forced token comes from the prefill's forward pass: not a decode step
+    assert fid.forced_nll([-9.0, -1.0, -3.0]) == pytest.approx(2.0)
+    assert fid.forced_nll([-9.0, -1.0, -3.0], skip=0) == pytest.approx(13.0 / 3)
+    assert math.isnan(fid.forced_nll([-1.0]))
+
+
+def test_text_sample_continuation_is_the_next_text(tokenizer):
+    a = fid.text_sample(300, tokenizer, seed=0, index=3)
+    assert len(a.continuation_ids) == fid.CONTINUATION_TOKENS
+    # the same corpus stream: the prompt followed by its continuation
+    docs = fid.corpus_tokens(tokenizer)
+    stream = [t for _, _, ids in docs for t in ids]
+    stream = stream + stream
+    assert stream[a.offset:a.offset + 300 + 64] == a.prompt_ids + a.continuation_ids
+
+
 def test_text_samples_are_deterministic_natural_text(tokenizer):
     a = fid.text_sample(1000, tokenizer, seed=0, index=1)
     b = fid.text_sample(1000, tokenizer, seed=0, index=1)
@@ -98,3 +115,17 @@ def test_recommend_cheapest_meeting_floor():
     assert rec.recommend(sweep_result(), 0.999, 4000)["choice"]["config"] == "full"
     assert rec.recommend(sweep_result(), 0.4, 1000)["choice"]["config"] == "sink@128"
     assert rec.recommend(sweep_result(), 0.4, 1000)["measured_length"] == 1024
+
+
+def test_recommend_max_ppl_ratio():
+    result = sweep_result()
+    for r in result["rows"]:
+        r["decode_ppl_ratio"] = {"sink": 1.01, "landmark": 1.2, "recycled": 1.03}.get(r["strategy"])
+        r["prompt_ppl_ratio"] = 1.5 if r["strategy"] == "sink" else None
+    assert rec.recommend(result, 0.95, 4000)["choice"]["config"] == "landmark@0.125"
+    # landmark's decode ppl ratio is too high; sink's prompt ppl ratio is
+    out = rec.recommend(result, 0.4, 4000, max_ppl_ratio=1.05)
+    assert out["choice"]["config"] == "recycled@0.25"
+    assert {e["config"] for e in out["rejected"]} == {"sink@128", "landmark@0.125"}
+    del result["rows"][-1]["decode_ppl_ratio"]  # recycled@0.25 at 4096: not measured
+    assert rec.recommend(result, 0.4, 4000, max_ppl_ratio=1.05)["choice"]["config"] == "full"

@@ -51,7 +51,10 @@ def test_sweep_writes_results(sweep_dir: Path):
         assert set(full["task_scores"]) == {"passkey", "niah_single"} and full["n_task_samples"] == 4
         assert 0.0 <= sink["agreement"] <= 1.0 and 0.0 <= sink["prefix"] <= sink["agreement"]
         assert math.isfinite(sink["kl"]) and sink["kl"] >= 0
-        assert sink["ppl_ratio"] > 0 and math.isfinite(sink["ppl_ratio"])  # sink's prefill is sparse
+        assert sink["prompt_ppl_ratio"] > 0 and math.isfinite(sink["prompt_ppl_ratio"])  # sparse prefill
+        # teacher-forced continuation, scored on decode steps
+        assert full["decode_ppl_ratio"] == 1.0 and math.isfinite(full["decode_ppl"])
+        assert sink["decode_ppl_ratio"] > 0 and math.isfinite(sink["decode_ppl_ratio"])
         assert full["tpot_ms"] > 0 and sink["tpot_ms"] > 0
     # a 135M model finds a pass key in 256 tokens with full attention
     assert rows[("full", 256)]["task_scores"]["passkey"] > 0
@@ -59,8 +62,8 @@ def test_sweep_writes_results(sweep_dir: Path):
 
 def test_outputs_are_kept_for_inspection(sweep_dir: Path):
     records = [json.loads(line) for line in (sweep_dir / "outputs.jsonl").read_text().splitlines()]
-    # per length and config: 2 tasks x 2 samples + 1 text; + 1 ppl prompt for full and sink
-    assert len(records) == len(LENGTHS) * 2 * (4 + 1 + 1)
+    # per length and config: 2 tasks x 2 samples + 1 text + 1 forced; + 1 ppl prompt for full and sink
+    assert len(records) == len(LENGTHS) * 2 * (4 + 1 + 1 + 1)
     tasks = [r for r in records if r["kind"] == "task"]
     for rec in tasks:
         assert rec["ok"] and isinstance(rec["output"], str) and rec["references"]
@@ -69,6 +72,9 @@ def test_outputs_are_kept_for_inspection(sweep_dir: Path):
         assert rec["prompt_len"] <= rec["length"]
     texts = [r for r in records if r["kind"] == "text"]
     assert all(len(r["token_ids"]) == 64 for r in texts)
+    forced = [r for r in records if r["kind"] == "forced"]
+    assert len(forced) == len(LENGTHS) * 2 and all(r["ok"] for r in forced)
+    assert all(len(r["token_logprobs"]) == 64 and r["decode_ppl_ratio"] > 0 for r in forced)
 
 
 def test_table_and_plots(sweep_dir: Path):
@@ -76,6 +82,7 @@ def test_table_and_plots(sweep_dir: Path):
     import matplotlib.image as mpimg
 
     md = (sweep_dir / "results.md").read_text()
+    assert "| decode ppl ratio | prompt ppl ratio |" in md
     assert "| config | length |" in md and f"| sink@{SINK_BUDGET} | 512 |" in md and "| full | 256 |" in md
     for name in ("score_vs_budget.png", "fidelity_vs_length.png", "tpot_vs_length.png"):
         path = sweep_dir / name

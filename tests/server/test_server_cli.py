@@ -5,7 +5,15 @@ import argparse
 import pytest
 
 from server.cli import build_parser, serve_settings
-from server.config import GiB, ServeSettings, engine_arg_to_argv, parse_engine_arg
+from server.config import (
+    GiB,
+    ServeSettings,
+    engine_arg_to_argv,
+    forcing_enabled,
+    logits_processors_argv,
+    parse_engine_arg,
+)
+from strategies.forcing import PROCESSOR_FQCN
 
 
 def test_engine_arg_spellings():
@@ -47,6 +55,19 @@ def test_serve_flags_reach_vllm_arguments(embedded_model_dir):
     assert namespace.max_num_seqs == 8
     assert namespace.enable_prefix_caching is False
     assert namespace.enforce_eager is True
+    # the teacher-forcing logits processor (vllm_xargs.attnserve_force_tokens) loads in the engine
+    assert namespace.logits_processors == [PROCESSOR_FQCN]
+
+
+def test_logits_processors_merge_with_given_ones_and_give_way_to_speculation():
+    assert logits_processors_argv(()) == ["--logits-processors", PROCESSOR_FQCN]
+    given = (("logits-processors", "a.b:C,d.e:F"),)
+    assert logits_processors_argv(given) == ["--logits-processors", PROCESSOR_FQCN, "a.b:C", "d.e:F"]
+    # vLLM refuses custom logits processors with speculative decoding: forcing is then off
+    speculative = (("speculative-config", "{}"),)
+    assert logits_processors_argv(speculative) == []
+    assert logits_processors_argv(speculative + given) == ["--logits-processors", "a.b:C", "d.e:F"]
+    assert forcing_enabled([PROCESSOR_FQCN]) and not forcing_enabled(None)
 
 
 def test_production_flags_reach_the_settings(embedded_model_dir, tmp_path, monkeypatch):
