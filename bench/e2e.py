@@ -53,13 +53,15 @@ def prompt_ids(tokenizer, length: int, offset: int) -> list[int]:
     return ids[offset: offset + length]
 
 
-def start_server(port: int, plugin: bool, log: Path, max_model_len: int) -> subprocess.Popen:
+def start_server(port: int, plugin: bool, log: Path, max_model_len: int,
+                 prefix_caching: bool = False) -> subprocess.Popen:
     env = dict(os.environ)
     if not plugin:
         env["VLLM_PLUGINS"] = "none"   # stock vLLM: no attnserve plugin loaded
     cmd = [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
            "--model", str(MODEL_DIR), "--max-model-len", str(max_model_len),
-           "--engine-arg", "max_num_seqs=8", "--engine-arg", "enable_prefix_caching=false"]
+           "--engine-arg", "max_num_seqs=8",
+           "--engine-arg", f"enable_prefix_caching={str(prefix_caching).lower()}"]
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
                             start_new_session=True)
 
@@ -110,7 +112,18 @@ def main() -> int:
     parser.add_argument("--strategies", nargs="+", default=["full", "sink", "recycled", "landmark", "seer"])
     parser.add_argument("--port", type=int, default=8931)
     parser.add_argument("--no-stock", action="store_true", help="skip the stock vLLM server")
+    parser.add_argument("--variant", action="append", default=[], metavar="LABEL=STRATEGY:JSON",
+                        help="an extra row: a strategy with params over the budget's, e.g. "
+                             "'landmark-d0=landmark:{\"dense_layers\": 0}' (repeatable)")
+    parser.add_argument("--prefix-caching", action="store_true",
+                        help="let vLLM reuse the prompts' KV across cells (faster runs; decode TPOT is "
+                             "what is measured, prefill is not)")
     args = parser.parse_args()
+    variants: dict[str, tuple[str, dict]] = {}
+    for item in args.variant:
+        label, spec = item.split("=", 1)
+        strategy, params = spec.split(":", 1)
+        variants[label] = (strategy, json.loads(params))
 
     from transformers import AutoTokenizer
 
@@ -123,30 +136,34 @@ def main() -> int:
     servers = [("attnserve", True)] + ([] if args.no_stock else [("stock", False)])
     for server_name, plugin in servers:
         log = Path(tempfile.mkdtemp()) / f"{server_name}.log"
-        proc = start_server(args.port, plugin, log, max_len)
+        proc = start_server(args.port, plugin, log, max_len, args.prefix_caching)
         try:
             wait_healthy(base, proc, timeout_s=900, log_path=log)
-            names = args.strategies if plugin else ["full"]
+            names = args.strategies + list(variants) if plugin else ["full"]
             for length in args.lengths:
                 for batch in args.batches:
                     prompts = [prompt_ids(tokenizer, length, 311 * i) for i in range(batch)]
                     for name in names:
-                        attention = strategies(args.budget)[name] if plugin else None
-                        if attention and name == "sink":
+                        strategy, extra = variants.get(name, (name, {}))
+                        attention = strategies(args.budget)[strategy] if plugin else None
+                        if attention and strategy == "sink":
                             attention = {"strategy": "sink",
                                          "params": {"n_sink": 4, "window": max(1, int(args.budget * length) - 4)}}
+                        if attention:
+                            attention = {"strategy": strategy, "params": {**attention["params"], **extra}}
                         key = (server_name if not plugin else name, length, batch)
                         results[key] = asyncio.run(cell(base, model, prompts, args.new_tokens, attention))
                         print(f"{key}: {results[key] * 1000:.1f} ms/token", flush=True)
         finally:
             stop_process_group(proc)
 
-    rows = [n for n in args.strategies] + ([] if args.no_stock else ["stock"])
+    rows = list(args.strategies) + list(variants) + ([] if args.no_stock else ["stock"])
     print(f"\nTPOT ms/token (ratio vs full | vs stock), budget {args.budget}, {args.new_tokens} new tokens")
-    header = "strategy".ljust(10) + "".join(f"{f'{L // 1024}k b{b}':>24}" for L in args.lengths for b in args.batches)
+    width = max(10, *(len(r) + 2 for r in rows))
+    header = "strategy".ljust(width) + "".join(f"{f'{L // 1024}k b{b}':>24}" for L in args.lengths for b in args.batches)
     print(header)
     for name in rows:
-        line = name.ljust(10)
+        line = name.ljust(width)
         for length in args.lengths:
             for batch in args.batches:
                 t = results.get((name, length, batch))

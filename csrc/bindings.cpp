@@ -39,6 +39,12 @@ TORCH_LIBRARY(attnserve, m) {
   // -> (sel_idx [B, Hkv, k], sel_num [B, Hkv])
   m.def(
       "topk_from_mass(Tensor mass, Tensor token_idx, Tensor num_idx, int k) -> (Tensor, Tensor)");
+  // dst_key / dst_value [P, Hkv, dpage, D] (cache dtype), updated in place: for i < num_idx[b, g],
+  // token token_idx[b, g, i] -> slot dst_start[b] + i of dst_block_table[b] (Recycled Attention)
+  m.def(
+      "gather_kv(Tensor key_cache, Tensor value_cache, Tensor block_table, Tensor token_idx, "
+      "Tensor num_idx, Tensor dst_block_table, Tensor dst_start, Tensor(a!) dst_key, "
+      "Tensor(b!) dst_value) -> ()");
 }
 
 // `import strategies._C` loads this library, which registers the ops above.

@@ -21,7 +21,7 @@ except ImportError as error:
     EXTENSION_ERROR = str(error)
 
 OP_NAMES = ("sparse_paged_attention", "paged_prefill_attention", "landmark_update_summaries",
-            "landmark_select", "seer_pool_keys", "seer_select", "topk_from_mass")
+            "landmark_select", "seer_pool_keys", "seer_select", "topk_from_mass", "gather_kv")
 
 
 def extension_loaded() -> bool:
@@ -106,6 +106,11 @@ if extension_loaded():
         return (token_idx.new_empty((B, Hkv, k), dtype=torch.int32),
                 token_idx.new_empty((B, Hkv), dtype=torch.int32))
 
+    @torch.library.register_fake("attnserve::gather_kv")
+    def _(key_cache, value_cache, block_table, token_idx, num_idx, dst_block_table, dst_start,
+          dst_key, dst_value):
+        return None
+
 
 # ---- wrappers (signatures of design.md section 4) -------------------------------------------
 
@@ -161,6 +166,19 @@ def topk_from_mass(mass: Tensor, token_idx: Tensor, num_idx: Tensor,
                    k: int) -> tuple[Tensor, Tensor]:
     """-> (sel_idx [B, Hkv, k], sel_num [B, Hkv]): the k heaviest tokens, ascending."""
     return _op("topk_from_mass", mass.device)(mass, token_idx, num_idx, int(k))
+
+
+def gather_kv(key_cache: Tensor, value_cache: Tensor, block_table: Tensor, token_idx: Tensor,
+              num_idx: Tensor, dst_block_table: Tensor, dst_start: Tensor, dst_key: Tensor,
+              dst_value: Tensor) -> None:
+    """Copy selected tokens of the paged caches into a second paged buffer (in place, bit-exact):
+    for i < num_idx[b, g], token t = token_idx[b, g, i] of KV head g goes to slot
+    s = dst_start[b] + i, i.e. dst_key[dst_block_table[b, s // dpage], g, s % dpage] =
+    key_cache[block_table[b, t // page], g, t % page] (same for value). dst_key / dst_value
+    [P, Hkv, dpage, D] have the cache dtype; block_table / dst_block_table [B, MB] / [B, MP],
+    token_idx [B, Hkv, K], num_idx [B, Hkv], dst_start [B] are int32."""
+    _op("gather_kv", key_cache.device)(key_cache, value_cache, block_table, token_idx, num_idx,
+                                       dst_block_table, dst_start, dst_key, dst_value)
 
 
 def default_scale(head_size: int) -> float:

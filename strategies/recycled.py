@@ -5,6 +5,13 @@ head, the attention mass of every token summed over the group's query heads; the
 mass are kept per layer and KV head (``ops.topk_from_mass``). The steps in between attend to those plus
 the tokens generated since that layer's last full step. The whole KV cache is kept (no memory saving).
 
+As in the paper, the kept tokens' K and V are copied once per full step into a compact per-request
+buffer (the "recycled" cache, ``ops.gather_kv``), and each step in between appends its new token there:
+those steps read one contiguous buffer instead of scattered tokens of vLLM's paged cache (whose CPU K
+layout is token-contiguous per page, so a lone token costs a cache line per head dim). The buffers are
+pages of a per-layer pool owned by this strategy: about k + stride tokens per request, layer and KV
+head (1/8 of the KV cache at k = 1/8), returned when the request ends.
+
 Dynamic refresh (the paper's dynamic variant): the query is per layer, so the decision is per layer
 from that layer's query: when cosine(q, q at the layer's last full step) < ``refresh_threshold`` (the
 query heads flattened into one vector), that layer does a full step now and re-selects; the request's
@@ -47,6 +54,9 @@ class RecycledState:
     q_full: dict[int, Tensor] = field(default_factory=dict)    # layer -> fp32 [Hq * D]
     full_steps: int = 0                             # scheduled full steps so far
     refreshes: int = 0                              # (layer, step) refreshes by the cosine rule
+    pages: list[int] = field(default_factory=list)  # recycled-KV pool pages held (the same in every layer)
+    buffer_len: dict[int, int] = field(default_factory=dict)   # layer -> tokens in its recycled buffer
+    buffer_upto: dict[int, int] = field(default_factory=dict)  # layer -> KV length the buffer covers
 
 
 @dataclass
@@ -59,7 +69,9 @@ class RecycledPlan:
     thresholds: list[float]         # per decode row; 0 = no refresh
     strides: list[int]              # per decode row
     count: StepCount
+    pool_table: Optional[Tensor] = None             # int32 [n, pages]: each decode row's recycled-KV pages
     dense: Optional[tuple[Tensor, Tensor]] = None   # all tokens (token_idx, num_idx), built on first full step
+    positions: dict[tuple[int, int], Tensor] = field(default_factory=dict)   # (rows, len) -> arange idx
 
 
 @register
@@ -70,14 +82,47 @@ class RecycledStrategy(Strategy):
                    "layer and KV head by attention mass; the steps between attend to those plus the new tokens.")
     dense_prefill = True
 
+    POOL_PAGE = 64      # tokens per page of the recycled-KV pool
+
     def __init__(self, model):
         super().__init__(model)
         self.states: dict[str, RecycledState] = {}
+        self.pool_pages = 0                                    # pages in every layer's pool
+        self.free_pages: list[int] = []
+        self.pools: dict[int, tuple[Tensor, Tensor]] = {}      # layer -> (K, V) [pages, Hkv, POOL_PAGE, D]
+
+    def _reserve(self, state: RecycledState, tokens: int) -> None:
+        """Give ``state`` pool pages for ``tokens`` tokens per layer and KV head (the pool grows by doubling;
+        each layer's tensors follow on their next use)."""
+        needed = -(-tokens // self.POOL_PAGE) - len(state.pages)
+        if needed <= 0:
+            return
+        if len(self.free_pages) < needed:
+            grown = max(2 * self.pool_pages, self.pool_pages + needed - len(self.free_pages))
+            self.free_pages.extend(range(self.pool_pages, grown))
+            self.pool_pages = grown
+        state.pages.extend(self.free_pages[-needed:])
+        del self.free_pages[-needed:]
+
+    def _pool(self, layer: int, key_cache: Tensor) -> tuple[Tensor, Tensor]:
+        found = self.pools.get(layer)
+        if found is not None and found[0].shape[0] == self.pool_pages and found[0].dtype == key_cache.dtype \
+                and found[0].device == key_cache.device:
+            return found
+        shape = (self.pool_pages, self.model.num_kv_heads, self.POOL_PAGE, key_cache.shape[3])
+        pool = (torch.zeros(shape, dtype=key_cache.dtype, device=key_cache.device),
+                torch.zeros(shape, dtype=key_cache.dtype, device=key_cache.device))
+        if found is not None and found[0].dtype == key_cache.dtype and found[0].device == key_cache.device:
+            pool[0][:found[0].shape[0]] = found[0]
+            pool[1][:found[1].shape[0]] = found[1]
+        self.pools[layer] = pool
+        return pool
 
     def plan(self, rows: StepRows) -> RecycledPlan:
         decode, prefill = split_rows(rows)
         count = self.new_count(rows)
         states, scheduled, ks, thresholds, strides = [], [], [], [], []
+        pool_table = None
         if decode is not None:
             for i in decode.rows:
                 state = self.states.setdefault(rows.request_ids[i], RecycledState())
@@ -87,11 +132,15 @@ class RecycledStrategy(Strategy):
                 ks.append(resolve_budget(p.k, rows.seq_lens_cpu[i]))
                 thresholds.append(p.refresh_threshold or 0.0)
                 strides.append(p.stride)
+                self._reserve(state, ks[-1] + p.stride + 1)    # the selection + the tokens until the next
+            width = max(len(state.pages) for state in states)
+            pool_table = torch.tensor([state.pages + [0] * (width - len(state.pages)) for state in states],
+                                      dtype=torch.int32, device=rows.device)
         if prefill is not None:
             count.attended.index_add_(0, prefill.rows_t, torch.tensor(
                 [count.total[i] * self.model.num_layers for i in prefill.rows], dtype=torch.float64,
                 device=rows.device))
-        return RecycledPlan(decode, prefill, states, scheduled, ks, thresholds, strides, count)
+        return RecycledPlan(decode, prefill, states, scheduled, ks, thresholds, strides, count, pool_table)
 
     def _refresh_rows(self, layer: int, q: Tensor, plan: RecycledPlan, candidates: list[int]) -> list[int]:
         """Rows (of the decode group) whose query drifted from the one at the layer's last full step."""
@@ -124,7 +173,9 @@ class RecycledStrategy(Strategy):
         sparse = [j for j in range(len(plan.states)) if j not in full_set]
 
         result = torch.empty_like(q) if full else None
-        # full steps: dense attention with mass, then re-select per distinct k
+        pool_k, pool_v = self._pool(layer, key_cache)
+        # full steps: dense attention with mass, then re-select per distinct k and copy the selection
+        # into the rows' recycled buffers
         if full:
             at = torch.tensor(full, dtype=torch.int64, device=q.device)
             bt = group.block_table.index_select(0, at)
@@ -139,42 +190,58 @@ class RecycledStrategy(Strategy):
                 sub_t = torch.tensor(sub, dtype=torch.int64, device=q.device)
                 sel_idx, sel_num = ops.topk_from_mass(mass.index_select(0, sub_t), idx.index_select(0, sub_t),
                                                       num.index_select(0, sub_t), k)
+                rows_t = at.index_select(0, sub_t)
+                ops.gather_kv(key_cache, value_cache, bt.index_select(0, sub_t), sel_idx, sel_num,
+                              plan.pool_table.index_select(0, rows_t),
+                              torch.zeros(len(sub), dtype=torch.int32, device=q.device), pool_k, pool_v)
                 n_sel = sel_num[:, 0].tolist()        # the same for every KV head: min(k, seq_len)
                 for r, n in enumerate(sub):
                     j = full[n]
                     state = plan.states[j]
                     state.sel_idx[layer] = sel_idx[r, :, :n_sel[r]].clone()
-                    state.full_len[layer] = group.seq_lens_cpu[j]
+                    state.full_len[layer] = state.buffer_upto[layer] = group.seq_lens_cpu[j]
+                    state.buffer_len[layer] = n_sel[r]
                     state.q_full[layer] = qf[n].float().flatten().clone()
             for j in full:
                 plan.count.add_host(group.rows[j], float(group.seq_lens_cpu[j]))
 
-        # sparse steps: the selection + tokens [full_len, seq_len)
+        # sparse steps: append the tokens since the buffer was last filled (this step's), then attend to
+        # the whole buffer: the selection + tokens [full_len, seq_len)
         if sparse:
             hkv = self.model.num_kv_heads
-            parts = []
-            for j in sparse:
-                state = plan.states[j]
-                fresh = torch.arange(state.full_len[layer], group.seq_lens_cpu[j], dtype=torch.int32,
-                                     device=q.device).expand(hkv, -1)
-                parts.append(torch.cat([state.sel_idx[layer], fresh], dim=1))      # [Hkv, n_sel + n_new]
-            counts = [p.shape[1] for p in parts]
-            if len(parts) == 1:
-                idx = parts[0][None]
-            else:
-                idx = torch.zeros(len(sparse), hkv, max(counts), dtype=torch.int32, device=q.device)
-                for r, p in enumerate(parts):
-                    idx[r, :, :counts[r]] = p
+            states = [plan.states[j] for j in sparse]
+            seq = [group.seq_lens_cpu[j] for j in sparse]
+            new = [list(range(state.buffer_upto[layer], n)) for state, n in zip(states, seq)]
+            every = len(sparse) == len(plan.states)   # every row sparse (the usual case): no gathers
+            at = None if every else torch.tensor(sparse, dtype=torch.int64, device=q.device)
+            bt = group.block_table if every else group.block_table.index_select(0, at)
+            table = plan.pool_table if every else plan.pool_table.index_select(0, at)
+            width = max(len(tokens) for tokens in new)
+            if width:
+                fresh = torch.tensor([tokens + [0] * (width - len(tokens)) for tokens in new], dtype=torch.int32,
+                                     device=q.device)[:, None, :].expand(-1, hkv, -1).contiguous()
+                fresh_num = torch.tensor([len(tokens) for tokens in new], dtype=torch.int32,
+                                         device=q.device)[:, None].expand(-1, hkv).contiguous()
+                starts = torch.tensor([state.buffer_len[layer] for state in states], dtype=torch.int32,
+                                      device=q.device)
+                ops.gather_kv(key_cache, value_cache, bt, fresh, fresh_num, table, starts, pool_k, pool_v)
+            counts = []
+            for state, n, tokens in zip(states, seq, new):
+                state.buffer_len[layer] += len(tokens)
+                state.buffer_upto[layer] = n
+                counts.append(state.buffer_len[layer])
+            longest = max(counts)
+            positions = plan.positions.get((len(sparse), longest))
+            if positions is None:
+                positions = torch.arange(longest, dtype=torch.int32, device=q.device).expand(
+                    len(sparse), hkv, -1).contiguous()
+                plan.positions[(len(sparse), longest)] = positions
             num = torch.tensor(counts, dtype=torch.int32, device=q.device)[:, None].expand(-1, hkv).contiguous()
-            if len(sparse) == len(plan.states):       # every row sparse (the usual case): no gather
-                o, _ = ops.sparse_paged_attention(q, key_cache, value_cache, group.block_table, idx, num,
-                                                  self.scale, False)
+            o, _ = ops.sparse_paged_attention(q if every else q.index_select(0, at), pool_k, pool_v, table,
+                                              positions, num, self.scale, False)
+            if every:
                 result = o
             else:
-                at = torch.tensor(sparse, dtype=torch.int64, device=q.device)
-                o, _ = ops.sparse_paged_attention(q.index_select(0, at), key_cache, value_cache,
-                                                  group.block_table.index_select(0, at), idx, num, self.scale,
-                                                  False)
                 result.index_copy_(0, at, o)
             for r, j in enumerate(sparse):
                 plan.count.add_host(group.rows[j], float(counts[r]))
@@ -187,7 +254,9 @@ class RecycledStrategy(Strategy):
         super().finish_step(plan)
 
     def reset(self, request_id: str) -> None:
-        self.states.pop(request_id, None)
+        state = self.states.pop(request_id, None)
+        if state is not None:
+            self.free_pages.extend(state.pages)
 
     def state(self, request_id: str) -> Optional[RecycledState]:
         return self.states.get(request_id)

@@ -153,9 +153,11 @@ def _top_with_forced(scores: Tensor, k: int, forced: list[int]) -> Tensor:
 def landmark_select(query: Tensor, kmin: Tensor, kmax: Tensor, block_table: Tensor,
                     seq_lens: Tensor, chunk: int, k_chunks: int) -> tuple[Tensor, Tensor]:
     """Quest selection: score chunk c of KV head g by sum over the group's heads and d of
-    max(q_d * kmax_d, q_d * kmin_d); keep the first and the newest chunk plus the k_chunks best
-    of the others. Returns their tokens (< seq_len, ascending) as (token_idx [B, Hkv, K],
-    num_idx [B, Hkv]) with K = min((k_chunks + 2) * chunk, MB * page)."""
+    max(q_d * kmax_d, q_d * kmin_d), computed folded over the group (as the kernels do; equal
+    since kmax >= kmin): kmax . P + kmin . N with P = sum_h max(q_h, 0), N = sum_h min(q_h, 0);
+    keep the first and the newest chunk plus the k_chunks best of the others. Returns their tokens
+    (< seq_len, ascending) as (token_idx [B, Hkv, K], num_idx [B, Hkv]) with
+    K = min((k_chunks + 2) * chunk, MB * page)."""
     B, Hq, D = query.shape
     Hkv = kmin.shape[1]
     page = kmin.shape[2] * chunk
@@ -167,9 +169,10 @@ def landmark_select(query: Tensor, kmin: Tensor, kmax: Tensor, block_table: Tens
         blocks, slots = _chunk_slots(block_table[b], torch.arange(n_chunks, device=query.device),
                                      chunk, page)
         lo, hi = kmin[blocks, :, slots].float(), kmax[blocks, :, slots].float()  # [n, Hkv, D]
-        q = query[b].float().view(Hkv, -1, 1, D)                                  # [Hkv,G,1,D]
-        bound = torch.maximum(q * hi.transpose(0, 1).unsqueeze(1), q * lo.transpose(0, 1).unsqueeze(1))
-        scores = bound.sum(dim=(1, 3))                                            # [Hkv, n]
+        q = query[b].float().view(Hkv, -1, D)                                     # [Hkv, G, D]
+        positive, negative = q.clamp(min=0).sum(dim=1), q.clamp(max=0).sum(dim=1)  # [Hkv, D]
+        scores = (torch.einsum("nhd,hd->hn", hi, positive)
+                  + torch.einsum("nhd,hd->hn", lo, negative))                     # [Hkv, n]
         for g in range(Hkv):
             forced = [0, n_chunks - 1] if n_chunks > 0 else []
             chosen.append(_top_with_forced(scores[g], k_chunks, forced) if n_chunks > 0
@@ -249,3 +252,23 @@ def topk_from_mass(mass: Tensor, token_idx: Tensor, num_idx: Tensor,
             sel_idx[b, g, :chosen.numel()] = chosen.to(torch.int32)
             sel_num[b, g] = chosen.numel()
     return sel_idx, sel_num
+
+
+def gather_kv(key_cache: Tensor, value_cache: Tensor, block_table: Tensor, token_idx: Tensor,
+              num_idx: Tensor, dst_block_table: Tensor, dst_start: Tensor, dst_key: Tensor,
+              dst_value: Tensor) -> None:
+    """Recycled Attention's KV copy, in place: for i < num_idx[b, g] (clamped to [0, K]),
+    t = token_idx[b, g, i], s = dst_start[b] + i:
+    dst_key[dst_block_table[b, s // dpage], g, s % dpage] = key_cache[block_table[b, t // page],
+    g, t % page], and the same for value. dst_* [P, Hkv, dpage, D] have the cache dtype."""
+    B, Hkv, K = token_idx.shape
+    page, dst_page = key_cache.shape[2], dst_key.shape[2]
+    counts = num_idx.long().clamp(0, K).view(B, Hkv, 1)
+    b, g, i = (torch.arange(K, device=token_idx.device).view(1, 1, K) < counts).nonzero(
+        as_tuple=True)
+    t = token_idx[b, g, i].long()
+    s = dst_start.long()[b] + i
+    src_blocks = block_table.long()[b, t // page]
+    dst_blocks = dst_block_table.long()[b, s // dst_page]
+    dst_key[dst_blocks, g, s % dst_page] = key_cache[src_blocks, g, t % page]
+    dst_value[dst_blocks, g, s % dst_page] = value_cache[src_blocks, g, t % page]

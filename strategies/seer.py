@@ -180,6 +180,10 @@ class SeerGroup:
     num_blocks: Tensor              # int32 [n]
     num_blocks_cpu: list[int]
     query_start_cpu: list[int]      # the group's query_start_loc
+    gates_key: tuple = ()           # which gate-key cache (decode): (file or identity, block)
+    dirty_phys: Optional[Tensor] = None   # int64 [M]: physical page of each block whose gate key is stale
+    dirty_slot: Optional[Tensor] = None   # int64 [M]: pool block inside that page
+    dirty_pos: Optional[Tensor] = None    # int64 [M]: its logical block index (gate RoPE position)
 
 
 @dataclass
@@ -202,6 +206,10 @@ class SeerStrategy(Strategy):
         super().__init__(model)
         self.pooled_upto: dict[str, int] = {}
         self.pooled: dict[tuple[int, int], Tensor] = {}          # (pool, layer) -> [NB, Hkv, page/pool, 3D]
+        # decode gate keys (projected + gate RoPE), per physical page like the pooled keys; only the blocks
+        # touched since a request's last decode step are recomputed (SeerAttention-R's K cache)
+        self.projected_upto: dict[str, int] = {}
+        self.gate_keys: dict[tuple, Tensor] = {}                 # (gates key, layer) -> [NB, Hkv, page/pool, Dg]
         self._gates: dict[tuple[str, int, str], SeerGates] = {}  # (file or identity, block, device)
 
     @classmethod
@@ -231,7 +239,7 @@ class SeerStrategy(Strategy):
             self._gates[key] = found
         return found
 
-    def _groups(self, rows: StepRows, group: Optional[RowGroup]) -> list[SeerGroup]:
+    def _groups(self, rows: StepRows, group: Optional[RowGroup], decode: bool = False) -> list[SeerGroup]:
         if group is None:
             return []
         page = self.model.kv_block_size
@@ -243,34 +251,57 @@ class SeerStrategy(Strategy):
             return p.block_size, p.threshold, top_k, resolve_gates(p.gates, self.model)
 
         out = []
-        for (pool, threshold, top_k, _), sub in group_rows_by(rows, group, key):
+        for (pool, threshold, top_k, gate_file), sub in group_rows_by(rows, group, key):
             gates = self.gates_for(rows.params[sub.rows[0]], rows.device)
             nb = [-(-s // pool) for s in sub.seq_lens_cpu]
             j = torch.arange(max(nb), device=rows.device)
             col = torch.clamp(j * pool // page, max=sub.block_table.shape[1] - 1)
             start = [min(self.pooled_upto.get(rows.request_ids[i], 0), c)
                      for i, c in zip(sub.rows, sub.context_lens_cpu)]
-            out.append(SeerGroup(
+            block_phys = sub.block_table.long()[:, col]
+            block_slot = ((j * pool % page) // pool).expand(len(nb), -1)
+            seer_group = SeerGroup(
                 rows=sub, pool=pool, threshold=threshold, top_k=top_k, gates=gates,
                 start_pos=torch.tensor(start, dtype=torch.int32, device=rows.device),
-                block_phys=sub.block_table.long()[:, col], block_slot=((j * pool % page) // pool).expand(len(nb), -1),
+                block_phys=block_phys, block_slot=block_slot,
                 num_blocks=torch.tensor(nb, dtype=torch.int32, device=rows.device), num_blocks_cpu=nb,
-                query_start_cpu=[0] + list(itertools.accumulate(rows.query_lens_cpu[i] for i in sub.rows))))
+                query_start_cpu=[0] + list(itertools.accumulate(rows.query_lens_cpu[i] for i in sub.rows)))
+            if decode:
+                # stale gate keys: from the block holding the first token not projected yet to the last
+                first = [min(self.projected_upto.get(rows.request_ids[i], 0), c) // pool
+                         for i, c in zip(sub.rows, sub.context_lens_cpu)]
+                r_idx = torch.cat([torch.full((b - f,), r, dtype=torch.int64)
+                                   for r, (f, b) in enumerate(zip(first, nb))]).to(rows.device)
+                j_idx = torch.cat([torch.arange(f, b, dtype=torch.int64) for f, b in zip(first, nb)]).to(rows.device)
+                seer_group.gates_key = (str(gate_file) if gate_file else IDENTITY, pool)
+                seer_group.dirty_phys = block_phys[r_idx, j_idx]
+                seer_group.dirty_slot = block_slot[r_idx, j_idx]
+                seer_group.dirty_pos = j_idx
+            out.append(seer_group)
         return out
 
     def plan(self, rows: StepRows) -> SeerPlan:
         decode, prefill = split_rows(rows)
-        return SeerPlan(self._groups(rows, decode), self._groups(rows, prefill), self.new_count(rows))
+        if prefill is not None:     # the KV may have been recomputed (preemption): re-project from there
+            for i, context in zip(prefill.rows, prefill.context_lens_cpu):
+                rid = rows.request_ids[i]
+                if rid in self.projected_upto:
+                    self.projected_upto[rid] = min(self.projected_upto[rid], context)
+        return SeerPlan(self._groups(rows, decode, decode=True), self._groups(rows, prefill), self.new_count(rows))
+
+    def _pooled_cache(self, layer: int, key_cache: Tensor, pool: int) -> Tensor:
+        num_blocks, hkv, page, d = key_cache.shape
+        pooled = self.pooled.get((pool, layer))
+        if pooled is None or pooled.shape[0] != num_blocks or pooled.device != key_cache.device:
+            pooled = torch.zeros(num_blocks, hkv, page // pool, 3 * d, dtype=torch.float32, device=key_cache.device)
+            self.pooled[(pool, layer)] = pooled
+        return pooled
 
     def _pooled_keys(self, layer: int, key_cache: Tensor, group: SeerGroup) -> Tensor:
         """Pool the new tokens; the group's pooled keys [n, NB, Hkv, 3D] (garbage past num_blocks)."""
         from strategies import ops
         num_blocks, hkv, page, d = key_cache.shape
-        pooled = self.pooled.get((group.pool, layer))
-        if pooled is None or pooled.shape[0] != num_blocks or pooled.device != key_cache.device:
-            pooled = torch.zeros(num_blocks, hkv, page // group.pool, 3 * d, dtype=torch.float32,
-                                 device=key_cache.device)
-            self.pooled[(group.pool, layer)] = pooled
+        pooled = self._pooled_cache(layer, key_cache, group.pool)
         ops.seer_pool_keys(key_cache, group.rows.block_table, group.start_pos, group.rows.seq_lens, group.pool,
                            pooled)
         n, nb_max = group.block_phys.shape
@@ -284,16 +315,40 @@ class SeerStrategy(Strategy):
         whole = pooled.index_select(0, phys).view(n, pages, hkv, slots, 3 * d).transpose(2, 3)
         return whole.reshape(n, pages * slots, hkv, 3 * d)[:, :nb_max]
 
+    def _decode_gate_keys(self, layer: int, key_cache: Tensor, group: SeerGroup) -> Tensor:
+        """Pool the new tokens, re-project the stale blocks; the group's gate keys [n, Hkv, NB, Dg]."""
+        from strategies import ops
+        num_blocks, hkv, page, _ = key_cache.shape
+        gates, slots = group.gates, page // group.pool
+        pooled = self._pooled_cache(layer, key_cache, group.pool)
+        ops.seer_pool_keys(key_cache, group.rows.block_table, group.start_pos, group.rows.seq_lens, group.pool,
+                           pooled)
+        cache = self.gate_keys.get((group.gates_key, layer))
+        if cache is None or cache.shape[0] != num_blocks or cache.device != key_cache.device:
+            cache = torch.zeros(num_blocks, hkv, slots, gates.gate_dim, dtype=torch.float32, device=key_cache.device)
+            self.gate_keys[(group.gates_key, layer)] = cache
+        if group.dirty_phys.numel():
+            stale = pooled[group.dirty_phys, :, group.dirty_slot]                     # [M, Hkv, 3D]
+            fresh = torch.einsum("mhc,hcd->hmd", stale, gates.decode_k[layer])        # [Hkv, M, Dg]
+            if gates.rope_theta > 0:
+                fresh = rope(fresh, group.dirty_pos, gates.rope_theta)
+            cache[group.dirty_phys, :, group.dirty_slot] = fresh.transpose(0, 1)
+        n, nb_max = group.block_phys.shape
+        pages = -(-nb_max // slots)
+        if pages > group.rows.block_table.shape[1]:
+            return cache[group.block_phys, :, group.block_slot].transpose(1, 2)
+        phys = group.rows.block_table[:, :pages].reshape(-1).long()
+        whole = cache.index_select(0, phys).view(n, pages, hkv, slots, -1).transpose(1, 2)
+        return whole.reshape(n, hkv, pages * slots, -1)[:, :, :nb_max]
+
     def select(self, layer: int, q: Tensor, key_cache: Tensor, group: SeerGroup) -> tuple[Tensor, Tensor, Tensor]:
         """Decode selection: (token_idx [n, Hkv, K], num_idx [n, Hkv], probs [n, Hkv, NB])."""
         from strategies import ops
         n, hkv = q.shape[0], self.model.num_kv_heads
         gates = group.gates
-        k_in = self._pooled_keys(layer, key_cache, group)                            # [n, NB, Hkv, 3D]
-        k_gate = torch.einsum("bnhc,hcd->bhnd", k_in, gates.decode_k[layer])          # [n, Hkv, NB, Dg]
+        k_gate = self._decode_gate_keys(layer, key_cache, group)                    # [n, Hkv, NB, Dg]
         q_gate = torch.einsum("bhc,hcd->bhd", q.float().reshape(n, hkv, -1), gates.decode_q[layer])
         if gates.rope_theta > 0:
-            k_gate = rope(k_gate, torch.arange(k_gate.shape[2], device=q.device), gates.rope_theta)
             q_gate = rope(q_gate, (group.num_blocks - 1)[:, None].expand(-1, hkv), gates.rope_theta)
         return ops.seer_select(q_gate.contiguous(), k_gate.contiguous(), group.num_blocks, group.pool,
                                group.rows.seq_lens, group.threshold, group.top_k)
@@ -364,7 +419,11 @@ class SeerStrategy(Strategy):
         for group in plan.decode + plan.prefill:
             for i, seq_len in zip(group.rows.rows, group.rows.seq_lens_cpu):
                 self.pooled_upto[plan.count.request_ids[i]] = seq_len
+        for group in plan.decode:
+            for i, seq_len in zip(group.rows.rows, group.rows.seq_lens_cpu):
+                self.projected_upto[plan.count.request_ids[i]] = seq_len
         super().finish_step(plan)
 
     def reset(self, request_id: str) -> None:
         self.pooled_upto.pop(request_id, None)
+        self.projected_upto.pop(request_id, None)

@@ -223,17 +223,44 @@ ATTNSERVE_TARGET_AVX512 void attend_range_bf16_kt_avx512(const DecodeProblem& p,
     out.l[h] = 0.f;
     std::fill(out.acc + h * kD, out.acc + (h + 1) * kD, 0.f);
   }
-  for (int t0 = begin; t0 < end; t0 += kTile) {
+  // Rows of tile t0 into keys / values. Where the tile's tokens are runs shorter than a tile
+  // (landmark chunks, scattered tokens), the next tile's K lines (one per head dim per run) and V
+  // rows are prefetched while this one computes: the hardware prefetcher does not follow them.
+  const uint16_t* next_keys[kTile];
+  const uint16_t* next_values[kTile];
+  auto rows_of_tile = [&](int t0, const uint16_t** k_rows, const uint16_t** v_rows) {
     const int n = std::min(kTile, end - t0);
+    const bool pow2 = p.page_shift >= 0;
     for (int i = 0; i < n; ++i) {
       const int pos = idx[t0 + i];
-      const bool pow2 = p.page_shift >= 0;
       const int64_t block = table[pow2 ? pos >> p.page_shift : pos / p.page];
       const int offset = pow2 ? pos & (p.page - 1) : pos % p.page;
-      keys[i] = reinterpret_cast<const uint16_t*>(
+      k_rows[i] = reinterpret_cast<const uint16_t*>(
           cache_row<c10::BFloat16>(p.key, block, g, offset));
-      values[i] = reinterpret_cast<const uint16_t*>(
+      v_rows[i] = reinterpret_cast<const uint16_t*>(
           cache_row<c10::BFloat16>(p.value, block, g, offset));
+    }
+  };
+  auto prefetch_tile = [&](int t0, const uint16_t* const* k_rows, const uint16_t* const* v_rows) {
+    const int n = std::min(kTile, end - t0);
+    int runs = 1;
+    for (int i = 1; i < n; ++i) runs += k_rows[i] != k_rows[i - 1] + 1;
+    if (runs == 1) return;  // one long run: the hardware prefetcher streams it
+    for (int i = 0; i < n; ++i) {
+      if (i == 0 || k_rows[i] != k_rows[i - 1] + 1) {
+        for (int d = 0; d < kD; ++d) __builtin_prefetch(k_rows[i] + d * stride_dim);
+      }
+      for (int c = 0; c < kD * 2; c += 64) __builtin_prefetch(reinterpret_cast<const char*>(v_rows[i]) + c);
+    }
+  };
+  if (begin < end) rows_of_tile(begin, next_keys, next_values);
+  for (int t0 = begin; t0 < end; t0 += kTile) {
+    const int n = std::min(kTile, end - t0);
+    std::copy(next_keys, next_keys + n, keys);
+    std::copy(next_values, next_values + n, values);
+    if (t0 + kTile < end) {
+      rows_of_tile(t0 + kTile, next_keys, next_values);
+      prefetch_tile(t0 + kTile, next_keys, next_values);
     }
     for (int i = 0; i < n;) {  // runs of consecutive tokens inside one block
       int j = i + 1;

@@ -39,4 +39,9 @@ std::tuple<at::Tensor, at::Tensor> topk_from_mass_cpu(const at::Tensor& mass,
                                                       const at::Tensor& token_idx,
                                                       const at::Tensor& num_idx, int64_t k);
 
+void gather_kv_cpu(const at::Tensor& key_cache, const at::Tensor& value_cache,
+                   const at::Tensor& block_table, const at::Tensor& token_idx,
+                   const at::Tensor& num_idx, const at::Tensor& dst_block_table,
+                   const at::Tensor& dst_start, at::Tensor& dst_key, at::Tensor& dst_value);
+
 }  // namespace attnserve

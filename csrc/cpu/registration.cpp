@@ -11,4 +11,5 @@ TORCH_LIBRARY_IMPL(attnserve, CPU, m) {
   m.impl("seer_pool_keys", &attnserve::seer_pool_keys_cpu);
   m.impl("seer_select", &attnserve::seer_select_cpu);
   m.impl("topk_from_mass", &attnserve::topk_from_mass_cpu);
+  m.impl("gather_kv", &attnserve::gather_kv_cpu);
 }

@@ -102,6 +102,75 @@ int expand_chunks(const std::vector<int>& chunks, int chunk, int seq_len, int K,
   return n;
 }
 
+// Quest's bound of landmark_select folded over the query group: kmax >= kmin, so
+// max(q * hi, q * lo) = max(q, 0) * hi + min(q, 0) * lo and
+// sum_h sum_d max(q_hd * hi_d, q_hd * lo_d) = hi . P + lo . N with P_d = sum_h max(q_hd, 0),
+// N_d = sum_h min(q_hd, 0): two D-long dots per chunk, whatever the group size.
+struct LandmarkScoring {
+  const float* kmin;  // [num_blocks, Hkv, slots, D] contiguous
+  const float* kmax;
+  const int32_t* table_row;  // block_table[b]
+  int Hkv, g, slots, chunk, page, D;
+};
+
+template <int kD>
+ATTNSERVE_INLINE void landmark_scores_body(const LandmarkScoring& s, const float* pos,
+                                           const float* neg, int n_chunks, float* scores) {
+  const int D = kD > 0 ? kD : s.D;
+  for (int c = 0; c < n_chunks; ++c) {
+    const int64_t block = s.table_row[(int64_t)c * s.chunk / s.page];
+    const int64_t offset =
+        ((block * s.Hkv + s.g) * s.slots + (c * s.chunk % s.page) / s.chunk) * D;
+    const float* lo = s.kmin + offset;
+    const float* hi = s.kmax + offset;
+    float score = 0.f;
+#pragma omp simd reduction(+ : score)
+    for (int d = 0; d < D; ++d) score += hi[d] * pos[d] + lo[d] * neg[d];
+    scores[c] = score;
+  }
+}
+
+using LandmarkScoresFn = void (*)(const LandmarkScoring&, const float*, const float*, int, float*);
+
+template <int kD>
+void landmark_scores_default(const LandmarkScoring& s, const float* pos, const float* neg,
+                             int n_chunks, float* scores) {
+  landmark_scores_body<kD>(s, pos, neg, n_chunks, scores);
+}
+
+#if defined(__x86_64__)
+template <int kD>
+ATTNSERVE_TARGET_AVX2 void landmark_scores_avx2(const LandmarkScoring& s, const float* pos,
+                                                const float* neg, int n_chunks, float* scores) {
+  landmark_scores_body<kD>(s, pos, neg, n_chunks, scores);
+}
+
+template <int kD>
+ATTNSERVE_TARGET_AVX512 void landmark_scores_avx512(const LandmarkScoring& s, const float* pos,
+                                                    const float* neg, int n_chunks,
+                                                    float* scores) {
+  landmark_scores_body<kD>(s, pos, neg, n_chunks, scores);
+}
+#endif
+
+template <int kD>
+LandmarkScoresFn pick_landmark_scores_isa() {
+#if defined(__x86_64__)
+  switch (cpu_isa()) {
+    case Isa::kAvx512: return landmark_scores_avx512<kD>;
+    case Isa::kAvx2: return landmark_scores_avx2<kD>;
+    default: break;
+  }
+#endif
+  return landmark_scores_default<kD>;
+}
+
+LandmarkScoresFn pick_landmark_scores(int D) {
+  if (D == 64) return pick_landmark_scores_isa<64>();
+  if (D == 128) return pick_landmark_scores_isa<128>();
+  return pick_landmark_scores_isa<0>();
+}
+
 }  // namespace
 
 void landmark_update_summaries_cpu(const at::Tensor& key_cache, const at::Tensor& block_table,
@@ -177,28 +246,30 @@ std::tuple<at::Tensor, at::Tensor> landmark_select_cpu(
   int32_t* num_ptr = num_idx.data_ptr<int32_t>();
   const int64_t table_stride = table.size(1);
   int64_t work = 0;
-  for (int b = 0; b < B; ++b) work += (int64_t)Hkv * G * D * 2 * ((len_ptr[b] + chunk - 1) / chunk);
+  for (int b = 0; b < B; ++b) work += (int64_t)Hkv * D * 2 * ((len_ptr[b] + chunk - 1) / chunk);
   const int threads = threads_for(work);
+  const LandmarkScoresFn score_chunks = pick_landmark_scores(D);
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
   for (int bg = 0; bg < B * Hkv; ++bg) {
     const int b = bg / Hkv, g = bg % Hkv;
     const int seq_len = len_ptr[b];
     const int n_chunks = (seq_len + chunk - 1) / chunk;
     std::vector<float> scores(n_chunks);
-    const float* q_group = q_ptr + (int64_t)bg * G * D;  // [G, D]
-    for (int c = 0; c < n_chunks; ++c) {
-      const int64_t block = table_ptr[b * table_stride + (int64_t)c * chunk / page];
-      const int64_t offset = ((block * Hkv + g) * slots + (c * chunk % page) / chunk) * D;
-      const float* lo = lo_ptr + offset;
-      const float* hi = hi_ptr + offset;
-      float score = 0.f;
-      for (int h = 0; h < G; ++h) {
-        const float* qh = q_group + h * D;
-#pragma omp simd reduction(+ : score)
-        for (int d = 0; d < D; ++d) score += std::max(qh[d] * hi[d], qh[d] * lo[d]);
+    // The group's queries [G, D] folded into P (positive parts) and N (negative parts).
+    const float* q_group = q_ptr + (int64_t)bg * G * D;
+    std::vector<float> folded(2 * D, 0.f);
+    float* pos = folded.data();
+    float* neg = pos + D;
+    for (int h = 0; h < G; ++h) {
+      const float* qh = q_group + h * D;
+      for (int d = 0; d < D; ++d) {
+        pos[d] += std::max(qh[d], 0.f);
+        neg[d] += std::min(qh[d], 0.f);
       }
-      scores[c] = score;
     }
+    const LandmarkScoring scoring{lo_ptr, hi_ptr, table_ptr + b * table_stride, Hkv, g, slots,
+                                  (int)chunk, page, D};
+    score_chunks(scoring, pos, neg, n_chunks, scores.data());
     const auto chosen = n_chunks > 0 ? top_with_forced(scores, k_chunks, 0, n_chunks - 1)
                                      : std::vector<int>{};
     num_ptr[bg] = expand_chunks(chosen, chunk, seq_len, K, idx_ptr + (int64_t)bg * K);

@@ -94,15 +94,15 @@ PagedCache paged_cache(const at::Tensor& cache, const char* name) {
   return PagedCache{cache.data_ptr(), cache.stride(0), cache.stride(1), cache.stride(2)};
 }
 
-BlockTable block_table_of(const at::Tensor& block_table, int64_t batch, const at::Tensor& like) {
-  check_same_device(block_table, like, "block_table");
-  TORCH_CHECK(block_table.scalar_type() == at::kInt, "block_table must be int32, got ",
+BlockTable block_table_of(const at::Tensor& block_table, int64_t batch, const at::Tensor& like,
+                          const char* name = "block_table") {
+  check_same_device(block_table, like, name);
+  TORCH_CHECK(block_table.scalar_type() == at::kInt, name, " must be int32, got ",
               block_table.scalar_type());
-  TORCH_CHECK(block_table.dim() == 2 && block_table.size(0) == batch,
-              "block_table must be [B, max_blocks] with B = ", batch, ", got ",
-              block_table.sizes());
-  TORCH_CHECK(block_table.stride(1) == 1 || block_table.size(1) <= 1,
-              "block_table must have a contiguous last dim");
+  TORCH_CHECK(block_table.dim() == 2 && block_table.size(0) == batch, name,
+              " must be [B, max_blocks] with B = ", batch, ", got ", block_table.sizes());
+  TORCH_CHECK(block_table.stride(1) == 1 || block_table.size(1) <= 1, name,
+              " must have a contiguous last dim");
   return BlockTable{block_table.data_ptr<int32_t>(), block_table.stride(0),
                     static_cast<int>(block_table.size(1))};
 }
@@ -476,6 +476,72 @@ std::tuple<at::Tensor, at::Tensor> topk_from_mass(const at::Tensor& mass,
   return {sel_idx, sel_num};
 }
 
+// A [num_blocks, Hkv, page, D] view of the gather: free strides, head or token dim of stride 1.
+StridedPages strided_pages(const at::Tensor& tensor, const char* name, const at::Tensor& like) {
+  check_same_device(tensor, like, name);
+  TORCH_CHECK(tensor.dim() == 4, name, " must be [num_blocks, num_kv_heads, page, head_size], got ",
+              tensor.sizes());
+  TORCH_CHECK(tensor.scalar_type() == like.scalar_type(), name, " must have the dtype of key_cache (",
+              like.scalar_type(), "), got ", tensor.scalar_type());
+  TORCH_CHECK(tensor.stride(3) == 1 || tensor.stride(2) == 1, name,
+              ": the head dim or the token dim must have stride 1, got strides ",
+              tensor.strides());
+  return StridedPages{tensor.data_ptr(), tensor.stride(0), tensor.stride(1), tensor.stride(2),
+                      tensor.stride(3)};
+}
+
+void gather_kv(const at::Tensor& key_cache, const at::Tensor& value_cache,
+               const at::Tensor& block_table, const at::Tensor& token_idx,
+               const at::Tensor& num_idx, const at::Tensor& dst_block_table,
+               const at::Tensor& dst_start, at::Tensor& dst_key, at::Tensor& dst_value) {
+  ATTNSERVE_DEVICE_GUARD(key_cache);
+  const DType dtype = kernel_dtype(key_cache, "key_cache");
+  const StridedPages key = strided_pages(key_cache, "key_cache", key_cache);
+  const StridedPages value = strided_pages(value_cache, "value_cache", key_cache);
+  TORCH_CHECK(value_cache.sizes() == key_cache.sizes(), "value_cache must have the shape of "
+              "key_cache ", key_cache.sizes(), ", got ", value_cache.sizes());
+  const int64_t Hkv = key_cache.size(1), page = key_cache.size(2), D = key_cache.size(3);
+  const StridedPages out_key = strided_pages(dst_key, "dst_key", key_cache);
+  const StridedPages out_value = strided_pages(dst_value, "dst_value", key_cache);
+  TORCH_CHECK(dst_key.size(1) == Hkv && dst_key.size(3) == D,
+              "dst_key must be [P, Hkv, dst_page, D] with Hkv = ", Hkv, ", D = ", D, ", got ",
+              dst_key.sizes());
+  TORCH_CHECK(dst_value.sizes() == dst_key.sizes(), "dst_value must have the shape of dst_key ",
+              dst_key.sizes(), ", got ", dst_value.sizes());
+  TORCH_CHECK(token_idx.dim() == 3 && token_idx.size(1) == Hkv,
+              "token_idx must be [B, Hkv, K] with Hkv = ", Hkv, ", got ", token_idx.sizes());
+  const int64_t B = token_idx.size(0), K = token_idx.size(2);
+  const BlockTable table = block_table_of(block_table, B, key_cache);
+  const BlockTable dst_table = block_table_of(dst_block_table, B, key_cache, "dst_block_table");
+  const at::Tensor tokens = int32_input(token_idx, "token_idx", {B, Hkv, K}, key_cache);
+  const at::Tensor counts = int32_input(num_idx, "num_idx", {B, Hkv}, key_cache);
+  const at::Tensor starts = int32_input(dst_start, "dst_start", {B}, key_cache);
+  if (B == 0 || Hkv == 0 || K == 0 || D == 0) return;
+  TORCH_CHECK(page > 0 && dst_key.size(2) > 0, "page sizes must be > 0");
+
+  GatherKvArgs args{};
+  args.key = key;
+  args.value = value;
+  args.page = static_cast<int>(page);
+  args.block_table = table;
+  args.token_idx = tokens.data_ptr<int32_t>();
+  args.num_idx = counts.data_ptr<int32_t>();
+  args.dst_key = StridedPagesOut{dst_key.data_ptr(), out_key.block_stride, out_key.head_stride,
+                                 out_key.token_stride, out_key.dim_stride};
+  args.dst_value = StridedPagesOut{dst_value.data_ptr(), out_value.block_stride,
+                                   out_value.head_stride, out_value.token_stride,
+                                   out_value.dim_stride};
+  args.dst_page = static_cast<int>(dst_key.size(2));
+  args.dst_block_table = dst_table;
+  args.dst_start = starts.data_ptr<int32_t>();
+  args.batch = static_cast<int>(B);
+  args.num_kv_heads = static_cast<int>(Hkv);
+  args.head_size = static_cast<int>(D);
+  args.max_tokens = static_cast<int>(K);
+  args.dtype = dtype;
+  check_launch(launch_gather_kv(args, current_stream(key_cache)), "gather_kv");
+}
+
 }  // namespace
 }  // namespace attnserve::cuda
 
@@ -489,6 +555,7 @@ void register_kernels(torch::Library& m) {
   m.impl("seer_pool_keys", &attnserve::cuda::seer_pool_keys);
   m.impl("seer_select", &attnserve::cuda::seer_select);
   m.impl("topk_from_mass", &attnserve::cuda::topk_from_mass);
+  m.impl("gather_kv", &attnserve::cuda::gather_kv);
 }
 
 }  // namespace

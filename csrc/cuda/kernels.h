@@ -201,4 +201,51 @@ size_t topk_from_mass_workspace_ints(int batch, int num_kv_heads, int k);
 cudaError_t launch_topk_from_mass(const TopkFromMassArgs& args, int32_t* workspace,
                                   cudaStream_t stream);
 
+// ---------------------------------------------------------------------------------------------
+// 6. gather_kv: Recycled Attention's KV copy. For i < num_idx[b, g], token t = token_idx[b, g, i]
+// of KV head g is copied (bit-exact) to slot s = dst_start[b] + i of the destination:
+// dst[dst_block_table[b, s / dst_page], g, s % dst_page, :] = src[block_table[b, t / page], g,
+// t % page, :], for K and V.
+
+// A [num_blocks, Hkv, page, D] view with free strides (elements); the head dim or the token dim
+// has stride 1 (vLLM's CPU K is token-contiguous per page).
+struct StridedPages {
+  const void* data;
+  int64_t block_stride;
+  int64_t head_stride;
+  int64_t token_stride;
+  int64_t dim_stride;
+};
+
+struct StridedPagesOut {
+  void* data;
+  int64_t block_stride;
+  int64_t head_stride;
+  int64_t token_stride;
+  int64_t dim_stride;
+};
+
+struct GatherKvArgs {
+  StridedPages key;
+  StridedPages value;
+  int page;
+  BlockTable block_table;
+  const int32_t* token_idx;  // [B, Hkv, K] contiguous, logical positions
+  const int32_t* num_idx;    // [B, Hkv], clamped to [0, K]
+  StridedPagesOut dst_key;   // [P, Hkv, dst_page, D], the cache dtype
+  StridedPagesOut dst_value;
+  int dst_page;
+  BlockTable dst_block_table;
+  const int32_t* dst_start;  // [B]
+  int batch;
+  int num_kv_heads;
+  int head_size;
+  int max_tokens;  // K
+  DType dtype;     // of the caches and the destinations
+};
+
+// One block per (sequence, KV head) and tensor (K, V); threads over (token, 16-byte piece of the
+// row) when rows are 16-byte aligned and dim-contiguous, else over (token, element).
+cudaError_t launch_gather_kv(const GatherKvArgs& args, cudaStream_t stream);
+
 }  // namespace attnserve::cuda

@@ -237,6 +237,49 @@ def check_topk(ops, device, K, k, num_kv_heads=3, batch=2, ties=True, seed=0):
     same_selection(*got, *expected, f"topk_from_mass K={K} k={k} ties={ties}")
 
 
+def check_gather(ops, device, dtype, head_size, seq_lens, budget, dst_page, layout="flash",
+                 num_kv_heads=2, page=16, key_layout="rows", dst_layout="rows", seed=0):
+    """gather_kv vs the twin, bit-exact on the whole destination buffer. key_layout "tokens": K
+    token-contiguous per page (vLLM CPU); dst_layout "tokens": dst K token-contiguous,
+    "offset": rows one element off 16-byte alignment (the per-element path)."""
+    key_cache, value_cache, table = make_cache(seq_lens, num_kv_heads, head_size, page, dtype,
+                                               device, layout, seed=seed)
+    if key_layout == "tokens":
+        key_cache = key_cache.transpose(2, 3).contiguous().transpose(2, 3)
+        assert key_cache.stride(2) == 1
+    token_idx, num_idx = random_token_lists(seq_lens, num_kv_heads, budget, seed,
+                                            empty_first=len(seq_lens) > 1)
+    B, K = len(seq_lens), token_idx.shape[2]
+    generator = torch.Generator().manual_seed(seed + 6)
+    dst_start = torch.randint(0, 2 * dst_page, (B,), generator=generator).to(torch.int32)
+    blocks = [-(-(int(dst_start[b]) + K) // dst_page) for b in range(B)]
+    num_dst = sum(blocks) + 1
+    physical = torch.randperm(num_dst, generator=generator).to(torch.int32)
+    dst_table = torch.full((B, max(blocks)), int(physical[-1]), dtype=torch.int32)
+    used = 0
+    for b, n in enumerate(blocks):
+        dst_table[b, :n] = physical[used:used + n]
+        used += n
+    extra = 1 if dst_layout == "offset" else 0
+    storage = torch.randn(2, num_dst, num_kv_heads, dst_page, head_size + extra,
+                          generator=generator).to(dtype).to(device)
+    expected = storage.clone()
+
+    def views(buffer):
+        dst_key, dst_value = buffer[0, ..., extra:], buffer[1, ..., extra:]
+        if dst_layout == "tokens":
+            dst_key = buffer[0].view(num_dst, num_kv_heads, head_size, dst_page).transpose(2, 3)
+        return dst_key, dst_value
+
+    args = (key_cache, value_cache, table, token_idx.to(device), num_idx.to(device),
+            dst_table.to(device), dst_start.to(device))
+    ops.gather_kv(*args, *views(storage))
+    reference.gather_kv(*args, *views(expected))
+    assert torch.equal(storage.cpu(), expected.cpu()), (
+        f"gather_kv {dtype} D={head_size} lens={seq_lens} budget={budget} dst_page={dst_page} "
+        f"{layout} key={key_layout} dst={dst_layout}: destinations differ")
+
+
 # ---- the emulation: cases run in a subprocess -----------------------------------------------
 
 EMULATED_CASES = {
@@ -277,6 +320,16 @@ EMULATED_CASES = {
             (torch.float16, 1, 32, [150, 129], 16, [2390, 2064], 150),
         ]] + [check_seer_pool(ops, "cpu", torch.bfloat16, 64, [1, 45, 300], 16),
               check_seer_pool(ops, "cpu", torch.float32, 128, [64, 7], 32)],
+    "gather": lambda ops: [
+        check_gather(ops, "cpu", dtype, head_size, lens, budget, dst_page, layout,
+                     key_layout=key_layout, dst_layout=dst_layout)
+        for dtype, head_size, lens, budget, dst_page, layout, key_layout, dst_layout in [
+            (torch.bfloat16, 64, [1, 45, 300], 40, 16, "flash", "rows", "rows"),
+            (torch.float16, 128, [130, 7], 100, 32, "cpu", "rows", "rows"),
+            (torch.float32, 64, [90, 200], 64, 8, "flash", "rows", "rows"),
+            (torch.float32, 64, [70], 30, 16, "cpu", "tokens", "tokens"),
+            (torch.bfloat16, 96, [50, 33], 20, 16, "flash", "tokens", "offset"),
+        ]],
     "topk": lambda ops: [
         check_topk(ops, "cpu", K, k, ties=ties)
         for K, k, ties in [(10, 4, True), (300, 50, True), (300, 300, False), (700, 512, False),
@@ -417,6 +470,17 @@ def test_cuda_seer(cuda_ops, dtype):
 @pytest.mark.parametrize("ties", [True, False])
 def test_cuda_topk_from_mass(cuda_ops, K, k, ties):
     check_topk(cuda_ops, "cuda", K, k, ties=ties)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, *DTYPES])
+@pytest.mark.parametrize("head_size", [64, 128])
+def test_cuda_gather_kv(cuda_ops, dtype, head_size):
+    check_gather(cuda_ops, "cuda", dtype, head_size, [1, 45, 4096, 1000], 512, 16)
+    check_gather(cuda_ops, "cuda", dtype, head_size, [2049, 300], 1, 128)  # the decode append
+    check_gather(cuda_ops, "cuda", dtype, head_size, [700], 300, 64, layout="cpu", page=128)
+    check_gather(cuda_ops, "cuda", dtype, head_size, [300, 20], 100, 16, key_layout="tokens",
+                 dst_layout="offset")
 
 
 if __name__ == "__main__":

@@ -38,6 +38,11 @@ def cases():
     yield attn.seer_select, (torch.randn(2, 2, 32), torch.randn(2, 2, 3, 32), nb, 64,
                              kv.seq_lens, 0.0, 1)
     yield attn.topk_from_mass, (torch.rand(2, 2, 40), token_idx, num_idx, 8)
+    dst_key = torch.zeros(6, 2, 32, 64).to(torch.bfloat16)
+    dst_table = torch.tensor([[0, 1], [2, 3]], dtype=torch.int32)
+    yield attn.gather_kv, (kv.key_cache, kv.value_cache, kv.block_table, token_idx, num_idx,
+                           dst_table, torch.tensor([3, 20], dtype=torch.int32), dst_key,
+                           torch.zeros_like(dst_key))
 
 
 @pytest.mark.parametrize("op,args", list(cases()),

@@ -43,6 +43,14 @@ def test_wrappers_call_the_compiled_kernels(layout, reference_forbidden):
     assert seer_count.tolist() == [[7, 7], [40, 40]] and probs.shape == (2, 2, 13)
     sel, sel_num = ops.topk_from_mass(mass, token_idx, num_idx, 5)
     assert sel_num.tolist() == [[5, 5], [5, 5]]
+    dst_key = torch.zeros(4, 2, 32, 64).to(torch.bfloat16)
+    dst_value = torch.zeros_like(dst_key)
+    ops.gather_kv(kv.key_cache, kv.value_cache, kv.block_table, sel, sel_num,
+                  torch.tensor([[0], [1]], dtype=torch.int32), torch.tensor([0, 27], dtype=torch.int32),
+                  dst_key, dst_value)
+    t, block = int(sel[1, 1, 4]), int(kv.block_table[1, int(sel[1, 1, 4]) // 16])
+    assert torch.equal(dst_key[1, 1, 31], kv.key_cache[block, 1, t % 16])
+    assert torch.equal(dst_value[1, 1, 31], kv.value_cache[block, 1, t % 16])
 
 
 def test_has_compiled():

@@ -350,3 +350,38 @@ def test_embedded_model_shapes_one_step(gates_dir):
         else:
             assert 0 < fraction <= 1
         strategy.release("r")
+
+
+def test_seer_incremental_gate_keys_equal_recomputed_from_scratch(tmp_path):
+    """The decode gate keys are projected once per block and kept per physical page; at every step the
+    gate probabilities equal those of a fresh strategy that projects every block now (random gates with
+    gate RoPE, so a stale or misplaced block would show)."""
+    from dataclasses import replace
+    g = torch.Generator().manual_seed(3)
+    identity = SeerGates.identity(MODEL, 16)
+    shape_q, shape_k = identity.decode_q.shape, identity.decode_k.shape
+    gates = replace(identity, gate_dim=identity.gate_dim, rope_theta=10000.0,
+                    decode_q=torch.randn(shape_q, generator=g) / 8, decode_k=torch.randn(shape_k, generator=g) / 8)
+    path = tmp_path / "random.safetensors"
+    gates.save(path)
+    params = registry.get("seer").Params(block_size=16, top_k=4, gates=str(path))
+    kv = make_kv()
+    table = block_table([200])
+    incremental = make_strategy("seer")
+    compared = 0
+    for step in range(20):     # crosses block boundaries (seq 150..169, blocks of 16)
+        seq = 150 + step
+        query = random_query(1, 40 + step)
+        rows = step_rows([params], [1], [seq], table)
+        plan = incremental.plan(rows)
+        fresh = make_strategy("seer")
+        fresh_plan = fresh.plan(rows)
+        for layer in (0, MODEL.num_layers - 1):
+            _, _, probs = incremental.select(layer, query, kv.key_cache, plan.decode[0])
+            _, _, expected = fresh.select(layer, query, kv.key_cache, fresh_plan.decode[0])
+            torch.testing.assert_close(probs, expected, atol=1e-6, rtol=1e-5)
+            compared += 1
+        incremental.finish_step(plan)
+    assert incremental.projected_upto["req-0"] == 169 and compared == 40
+    incremental.release("req-0")
+    assert "req-0" not in incremental.projected_upto
