@@ -8,8 +8,9 @@ sum_{heads of the group} sum_d max(q_d * max_d, q_d * min_d), an upper bound of 
 attend densely (Quest: 2). Default budget: 64 chunks x 16 tokens = 1024 tokens (+ first and newest
 chunk), inside Quest's 512-4096 token budgets and sized for this project's 8k-position model.
 
-Summaries live per *physical* KV block (``[num_blocks, Hkv, page // chunk, D]`` fp32 per layer, about
-1/8 of a bf16 KV cache at chunk 16, allocated on first use), so they stay right under prefix caching;
+Summaries live per *physical* KV block (``[num_blocks, Hkv, page // chunk, D]`` per layer, bf16 for a bf16
+cache on CPU, else fp32: 1/16 or 1/8 of a bf16 KV cache at chunk 16, allocated on first use), so they
+stay right under prefix caching;
 a request remembers only how far it has summarised, and each decode step summarises the tokens not
 summarised yet (the whole prompt on its first decode step). Prefill is dense.
 """
@@ -113,11 +114,16 @@ class LandmarkStrategy(Strategy):
 
     def _summaries(self, chunk: int, layer: int, key_cache: Tensor) -> tuple[Tensor, Tensor]:
         num_blocks, hkv, page, d = key_cache.shape
+        # bf16 summaries of a bf16 cache on CPU (the compiled CPU kernels read either): each decode
+        # step reads every chunk's summary, half the bytes is a faster step; fp32 elsewhere
+        dtype = torch.bfloat16 if key_cache.dtype == torch.bfloat16 and key_cache.device.type == "cpu" \
+            else torch.float32
         found = self.summaries.get((chunk, layer))
-        if found is None or found[0].shape[0] != num_blocks or found[0].device != key_cache.device:
+        if found is None or found[0].shape[0] != num_blocks or found[0].device != key_cache.device \
+                or found[0].dtype != dtype:
             shape = (num_blocks, hkv, page // chunk, d)
-            found = (torch.zeros(shape, dtype=torch.float32, device=key_cache.device),
-                     torch.zeros(shape, dtype=torch.float32, device=key_cache.device))
+            found = (torch.zeros(shape, dtype=dtype, device=key_cache.device),
+                     torch.zeros(shape, dtype=dtype, device=key_cache.device))
             self.summaries[(chunk, layer)] = found
         return found
 

@@ -104,7 +104,7 @@ def _chunk_slots(block_table_row: Tensor, chunks: Tensor, chunk: int, page: int)
 
 def landmark_update_summaries(key_cache: Tensor, block_table: Tensor, start_pos: Tensor,
                               seq_lens: Tensor, chunk: int, kmin: Tensor, kmax: Tensor) -> None:
-    """Recompute kmin/kmax [num_blocks, Hkv, page // chunk, D] (fp32, in place) of every chunk
+    """Recompute kmin/kmax [num_blocks, Hkv, page // chunk, D] (fp32 or bf16, in place) of every chunk
     touching tokens [start_pos[b], seq_lens[b]); a partial chunk over its filled tokens only."""
     page = key_cache.shape[2]
     for b, (start, seq_len) in enumerate(zip(start_pos.tolist(), seq_lens.tolist())):
@@ -119,8 +119,8 @@ def landmark_update_summaries(key_cache: Tensor, block_table: Tensor, start_pos:
         hi = torch.nn.functional.pad(keys, (0, 0, 0, 0, 0, pad), value=float("-inf")).view(shape)
         blocks, slots = _chunk_slots(block_table[b], torch.arange(first_chunk, end_chunk,
                                                                   device=keys.device), chunk, page)
-        kmin[blocks, :, slots] = lo.amin(dim=1)
-        kmax[blocks, :, slots] = hi.amax(dim=1)
+        kmin[blocks, :, slots] = lo.amin(dim=1).to(kmin.dtype)
+        kmax[blocks, :, slots] = hi.amax(dim=1).to(kmax.dtype)
 
 
 def _expand_chunks(chosen: list[Tensor], chunk: int, seq_lens: list[int], K: int,

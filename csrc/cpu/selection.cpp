@@ -36,9 +36,14 @@ std::vector<Chunk> chunks_to_update(const at::Tensor& block_table, const at::Ten
   return chunks;
 }
 
-template <typename scalar_t>
+ATTNSERVE_INLINE void store_summary(float x, float* out) { *out = x; }
+ATTNSERVE_INLINE void store_summary(float x, c10::BFloat16* out) { *out = c10::BFloat16(x); }
+
+// kmin / kmax as out_t (landmark: fp32, or bf16 to halve the bytes each decode step scores);
+// kmean (seer) is fp32.
+template <typename scalar_t, typename out_t = float>
 void summarise_chunks(const at::Tensor& key_cache, const std::vector<Chunk>& chunks,
-                      int chunk, float* kmin, float* kmax, float* kmean) {
+                      int chunk, out_t* kmin, out_t* kmax, float* kmean) {
   // Output slot (block, head, slot) is [D] at ((block * Hkv + head) * slots + slot) * width.
   const CacheView view = make_view(key_cache);
   const int Hkv = key_cache.size(1), page = key_cache.size(2), D = key_cache.size(3);
@@ -69,8 +74,10 @@ void summarise_chunks(const at::Tensor& key_cache, const std::vector<Chunk>& chu
         out[2 * D + d] = sum[d] * inv;
       }
     } else {
-      std::copy(lo.begin(), lo.end(), kmin + offset);
-      std::copy(hi.begin(), hi.end(), kmax + offset);
+      for (int d = 0; d < D; ++d) {
+        store_summary(lo[d], kmin + offset + d);
+        store_summary(hi[d], kmax + offset + d);
+      }
     }
   }
 }
@@ -85,8 +92,10 @@ std::vector<int> top_with_forced(const std::vector<float>& scores, int k, int fo
   }
   const int keep = std::max(0, std::min<int>(k, others.size()));
   auto better = [&](int a, int b) { return scores[a] > scores[b] || (scores[a] == scores[b] && a < b); };
-  std::partial_sort(others.begin(), others.begin() + keep, others.end(), better);
-  others.resize(keep);
+  if (keep < (int)others.size()) {  // the keep best in linear time; their order does not matter
+    std::nth_element(others.begin(), others.begin() + keep, others.end(), better);
+    others.resize(keep);
+  }
   if (forced_a >= 0 && forced_a < n) others.push_back(forced_a);
   if (forced_b >= 0 && forced_b < n && forced_b != forced_a) others.push_back(forced_b);
   std::sort(others.begin(), others.end());
@@ -107,68 +116,87 @@ int expand_chunks(const std::vector<int>& chunks, int chunk, int seq_len, int K,
 // sum_h sum_d max(q_hd * hi_d, q_hd * lo_d) = hi . P + lo . N with P_d = sum_h max(q_hd, 0),
 // N_d = sum_h min(q_hd, 0): two D-long dots per chunk, whatever the group size.
 struct LandmarkScoring {
-  const float* kmin;  // [num_blocks, Hkv, slots, D] contiguous
-  const float* kmax;
+  const void* kmin;  // [num_blocks, Hkv, slots, D] contiguous, fp32 or bf16
+  const void* kmax;
   const int32_t* table_row;  // block_table[b]
   int Hkv, g, slots, chunk, page, D;
 };
 
-template <int kD>
+ATTNSERVE_INLINE float summary_value(const float* p, int d) { return p[d]; }
+ATTNSERVE_INLINE float summary_value(const c10::BFloat16* p, int d) {
+  return bits_to_float(static_cast<uint32_t>(reinterpret_cast<const uint16_t*>(p)[d]) << 16);
+}
+
+template <typename summary_t, int kD>
 ATTNSERVE_INLINE void landmark_scores_body(const LandmarkScoring& s, const float* pos,
                                            const float* neg, int n_chunks, float* scores) {
   const int D = kD > 0 ? kD : s.D;
+  const summary_t* kmin = static_cast<const summary_t*>(s.kmin);
+  const summary_t* kmax = static_cast<const summary_t*>(s.kmax);
   for (int c = 0; c < n_chunks; ++c) {
     const int64_t block = s.table_row[(int64_t)c * s.chunk / s.page];
     const int64_t offset =
         ((block * s.Hkv + s.g) * s.slots + (c * s.chunk % s.page) / s.chunk) * D;
-    const float* lo = s.kmin + offset;
-    const float* hi = s.kmax + offset;
+    const summary_t* lo = kmin + offset;
+    const summary_t* hi = kmax + offset;
     float score = 0.f;
 #pragma omp simd reduction(+ : score)
-    for (int d = 0; d < D; ++d) score += hi[d] * pos[d] + lo[d] * neg[d];
+    for (int d = 0; d < D; ++d) {
+      score += summary_value(hi, d) * pos[d] + summary_value(lo, d) * neg[d];
+    }
     scores[c] = score;
   }
 }
 
 using LandmarkScoresFn = void (*)(const LandmarkScoring&, const float*, const float*, int, float*);
 
-template <int kD>
+template <typename summary_t, int kD>
 void landmark_scores_default(const LandmarkScoring& s, const float* pos, const float* neg,
                              int n_chunks, float* scores) {
-  landmark_scores_body<kD>(s, pos, neg, n_chunks, scores);
+  landmark_scores_body<summary_t, kD>(s, pos, neg, n_chunks, scores);
 }
 
 #if defined(__x86_64__)
-template <int kD>
+template <typename summary_t, int kD>
 ATTNSERVE_TARGET_AVX2 void landmark_scores_avx2(const LandmarkScoring& s, const float* pos,
                                                 const float* neg, int n_chunks, float* scores) {
-  landmark_scores_body<kD>(s, pos, neg, n_chunks, scores);
+  landmark_scores_body<summary_t, kD>(s, pos, neg, n_chunks, scores);
 }
 
-template <int kD>
+template <typename summary_t, int kD>
 ATTNSERVE_TARGET_AVX512 void landmark_scores_avx512(const LandmarkScoring& s, const float* pos,
                                                     const float* neg, int n_chunks,
                                                     float* scores) {
-  landmark_scores_body<kD>(s, pos, neg, n_chunks, scores);
+  landmark_scores_body<summary_t, kD>(s, pos, neg, n_chunks, scores);
 }
 #endif
 
-template <int kD>
+template <typename summary_t, int kD>
 LandmarkScoresFn pick_landmark_scores_isa() {
 #if defined(__x86_64__)
   switch (cpu_isa()) {
-    case Isa::kAvx512: return landmark_scores_avx512<kD>;
-    case Isa::kAvx2: return landmark_scores_avx2<kD>;
+    case Isa::kAvx512: return landmark_scores_avx512<summary_t, kD>;
+    case Isa::kAvx2: return landmark_scores_avx2<summary_t, kD>;
     default: break;
   }
 #endif
-  return landmark_scores_default<kD>;
+  return landmark_scores_default<summary_t, kD>;
 }
 
+template <typename summary_t>
 LandmarkScoresFn pick_landmark_scores(int D) {
-  if (D == 64) return pick_landmark_scores_isa<64>();
-  if (D == 128) return pick_landmark_scores_isa<128>();
-  return pick_landmark_scores_isa<0>();
+  if (D == 64) return pick_landmark_scores_isa<summary_t, 64>();
+  if (D == 128) return pick_landmark_scores_isa<summary_t, 128>();
+  return pick_landmark_scores_isa<summary_t, 0>();
+}
+
+// kmin / kmax of landmark: contiguous, the same dtype, fp32 or bf16.
+void check_landmark_summaries(const at::Tensor& kmin, const at::Tensor& kmax) {
+  TORCH_CHECK(kmin.is_contiguous() && kmax.is_contiguous(), "kmin and kmax must be contiguous");
+  TORCH_CHECK(kmin.scalar_type() == kmax.scalar_type() &&
+                  (kmin.scalar_type() == at::kFloat || kmin.scalar_type() == at::kBFloat16),
+              "kmin and kmax must both be float32 or both bfloat16, got ", kmin.scalar_type(),
+              " and ", kmax.scalar_type());
 }
 
 }  // namespace
@@ -180,8 +208,7 @@ void landmark_update_summaries_cpu(const at::Tensor& key_cache, const at::Tensor
   check_int32(block_table, "block_table");
   check_int32(start_pos, "start_pos");
   check_int32(seq_lens, "seq_lens");
-  check_fp32_contiguous(kmin, "kmin");
-  check_fp32_contiguous(kmax, "kmax");
+  check_landmark_summaries(kmin, kmax);
   const int page = key_cache.size(2);
   TORCH_CHECK(chunk > 0 && page % chunk == 0, "chunk must divide the page size");
   TORCH_CHECK(kmin.sizes() == kmax.sizes() && kmin.size(2) == page / chunk &&
@@ -189,12 +216,17 @@ void landmark_update_summaries_cpu(const at::Tensor& key_cache, const at::Tensor
               "kmin/kmax must be [num_blocks, Hkv, page / chunk, D]");
   const at::Tensor table = block_table.contiguous();
   const auto chunks = chunks_to_update(table, start_pos, seq_lens, chunk, page);
-  if (key_cache.scalar_type() == at::kBFloat16) {
-    summarise_chunks<c10::BFloat16>(key_cache, chunks, chunk, kmin.data_ptr<float>(),
-                                    kmax.data_ptr<float>(), nullptr);
+  const bool bf16_cache = key_cache.scalar_type() == at::kBFloat16;
+  if (kmin.scalar_type() == at::kBFloat16) {
+    auto* lo = kmin.data_ptr<c10::BFloat16>();
+    auto* hi = kmax.data_ptr<c10::BFloat16>();
+    if (bf16_cache) summarise_chunks<c10::BFloat16>(key_cache, chunks, chunk, lo, hi, nullptr);
+    else summarise_chunks<float>(key_cache, chunks, chunk, lo, hi, nullptr);
   } else {
-    summarise_chunks<float>(key_cache, chunks, chunk, kmin.data_ptr<float>(),
-                            kmax.data_ptr<float>(), nullptr);
+    float* lo = kmin.data_ptr<float>();
+    float* hi = kmax.data_ptr<float>();
+    if (bf16_cache) summarise_chunks<c10::BFloat16>(key_cache, chunks, chunk, lo, hi, nullptr);
+    else summarise_chunks<float>(key_cache, chunks, chunk, lo, hi, nullptr);
   }
 }
 
@@ -214,18 +246,18 @@ void seer_pool_keys_cpu(const at::Tensor& key_cache, const at::Tensor& block_tab
   const at::Tensor table = block_table.contiguous();
   const auto chunks = chunks_to_update(table, start_pos, seq_lens, pool, page);
   if (key_cache.scalar_type() == at::kBFloat16) {
-    summarise_chunks<c10::BFloat16>(key_cache, chunks, pool, nullptr, nullptr,
-                                    pooled.data_ptr<float>());
+    summarise_chunks<c10::BFloat16>(key_cache, chunks, pool, static_cast<float*>(nullptr),
+                                    static_cast<float*>(nullptr), pooled.data_ptr<float>());
   } else {
-    summarise_chunks<float>(key_cache, chunks, pool, nullptr, nullptr, pooled.data_ptr<float>());
+    summarise_chunks<float>(key_cache, chunks, pool, static_cast<float*>(nullptr),
+                            static_cast<float*>(nullptr), pooled.data_ptr<float>());
   }
 }
 
 std::tuple<at::Tensor, at::Tensor> landmark_select_cpu(
     const at::Tensor& query, const at::Tensor& kmin, const at::Tensor& kmax,
     const at::Tensor& block_table, const at::Tensor& seq_lens, int64_t chunk, int64_t k_chunks) {
-  check_fp32_contiguous(kmin, "kmin");
-  check_fp32_contiguous(kmax, "kmax");
+  check_landmark_summaries(kmin, kmax);
   check_int32(block_table, "block_table");
   check_int32(seq_lens, "seq_lens");
   const int B = query.size(0), Hq = query.size(1), D = query.size(2);
@@ -238,8 +270,8 @@ std::tuple<at::Tensor, at::Tensor> landmark_select_cpu(
   at::Tensor token_idx = at::zeros({B, Hkv, K}, table.options());
   at::Tensor num_idx = at::zeros({B, Hkv}, table.options());
   const float* q_ptr = q.data_ptr<float>();
-  const float* lo_ptr = kmin.data_ptr<float>();
-  const float* hi_ptr = kmax.data_ptr<float>();
+  const void* lo_ptr = kmin.data_ptr();
+  const void* hi_ptr = kmax.data_ptr();
   const int32_t* table_ptr = table.data_ptr<int32_t>();
   const int32_t* len_ptr = lens.data_ptr<int32_t>();
   int32_t* idx_ptr = token_idx.data_ptr<int32_t>();
@@ -248,7 +280,9 @@ std::tuple<at::Tensor, at::Tensor> landmark_select_cpu(
   int64_t work = 0;
   for (int b = 0; b < B; ++b) work += (int64_t)Hkv * D * 2 * ((len_ptr[b] + chunk - 1) / chunk);
   const int threads = threads_for(work);
-  const LandmarkScoresFn score_chunks = pick_landmark_scores(D);
+  const LandmarkScoresFn score_chunks = kmin.scalar_type() == at::kBFloat16
+                                             ? pick_landmark_scores<c10::BFloat16>(D)
+                                             : pick_landmark_scores<float>(D);
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
   for (int bg = 0; bg < B * Hkv; ++bg) {
     const int b = bg / Hkv, g = bg % Hkv;

@@ -13,19 +13,22 @@ SEQ_LENS = [1, 16, 300, 2100]
 attn = torch.ops.attnserve
 
 
-def fresh_summaries(kv, chunk, width_factor=1, sentinel=7.0):
+def fresh_summaries(kv, chunk, width_factor=1, sentinel=7.0, dtype=torch.float32):
     num_blocks, num_kv_heads, page, head_size = kv.key_cache.shape
-    return torch.full((num_blocks, num_kv_heads, page // chunk, width_factor * head_size), sentinel)
+    return torch.full((num_blocks, num_kv_heads, page // chunk, width_factor * head_size), sentinel,
+                      dtype=dtype)
 
 
+@pytest.mark.parametrize("summary_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("dtype,page,chunk,layout", [
     (torch.float32, 16, 16, "vllm"), (torch.bfloat16, 128, 16, "vllm"),
     (torch.bfloat16, 128, 32, "rows"), (torch.float32, 128, 8, "vllm")])
-def test_landmark_summaries_match_reference(dtype, page, chunk, layout):
+def test_landmark_summaries_match_reference(dtype, page, chunk, layout, summary_dtype):
     kv = make_paged_kv(SEQ_LENS, 2, 64, page, dtype, layout=layout)
     for start in ([0, 0, 0, 0], [0, 9, 290, 2000]):  # full prefill, then partial chunks only
         start_pos = torch.tensor(start, dtype=torch.int32)
-        kmin, kmax = fresh_summaries(kv, chunk), fresh_summaries(kv, chunk)
+        kmin = fresh_summaries(kv, chunk, dtype=summary_dtype)
+        kmax = fresh_summaries(kv, chunk, dtype=summary_dtype)
         ref_min, ref_max = kmin.clone(), kmax.clone()
         attn.landmark_update_summaries(kv.key_cache, kv.block_table, start_pos, kv.seq_lens, chunk,
                                        kmin, kmax)
@@ -47,10 +50,12 @@ def assert_same_selection(tokens, count, ref_tokens, ref_count):
     (torch.float32, 3, 16, 16), (torch.bfloat16, 1, 128, 16), (torch.bfloat16, 8, 128, 32),
     (torch.float32, 3, 128, 64)])
 @pytest.mark.parametrize("k_chunks", [0, 3, 40, 1000])
-def test_landmark_select_matches_reference(dtype, group, page, chunk, k_chunks):
+@pytest.mark.parametrize("summary_dtype", [torch.float32, torch.bfloat16])
+def test_landmark_select_matches_reference(dtype, group, page, chunk, k_chunks, summary_dtype):
     num_kv_heads = 2
     kv = make_paged_kv(SEQ_LENS, num_kv_heads, 64, page, dtype, seed=k_chunks)
-    kmin, kmax = fresh_summaries(kv, chunk), fresh_summaries(kv, chunk)
+    kmin = fresh_summaries(kv, chunk, dtype=summary_dtype)
+    kmax = fresh_summaries(kv, chunk, dtype=summary_dtype)
     attn.landmark_update_summaries(kv.key_cache, kv.block_table, torch.zeros(4, dtype=torch.int32),
                                    kv.seq_lens, chunk, kmin, kmax)
     query = torch.randn(len(SEQ_LENS), num_kv_heads * group, 64).to(dtype)
