@@ -47,6 +47,7 @@ MIN_DOC_CHARS = 2000
 MAX_DOC_CHARS = 400_000
 TEXT_SUFFIXES = (".md", ".rst", ".txt")
 LOSS_FROM = 0.25                     # loss on the rows of the last 3/4 of a window (SeerAttention)
+LOG_ROWS_FROM = 1 / 16               # log-spaced decode rows: from T/16 to T (every prompt length alike)
 
 
 # -- 1. calibration text ----------------------------------------------------------------------------
@@ -329,57 +330,77 @@ def _group_sum(x: Tensor, hkv: int) -> Tensor:
 
 
 def window_features(q: Tensor, k: Tensor, rows: Tensor, q_blocks: Tensor, block: int) -> dict[str, Tensor]:
-    """Features of one window: q [L, T, Hq, D], k [L, T, Hkv, D] post-RoPE."""
+    """Features of one window: q [L, T, Hq, D], k [L, T, Hkv, D] post-RoPE. The attention maps are computed
+    one layer at a time (an 8k window's map of 256 prefill queries is ~75 MB per layer, 2.3 GB for all)."""
     L, T, hq, d = q.shape
     hkv = k.shape[2]
     g = hq // hkv
     nb = -(-T // block)
     scale = 1.0 / math.sqrt(d)
-    kk = k.repeat_interleave(g, dim=2)                                          # [L, T, Hq, D]
     pos = torch.arange(T)
     pad = nb * block - T
+    qpos = (q_blocks[:, None] * block + torch.arange(block)).clamp(max=T - 1)   # [S, block]
 
     def block_reduce(p: Tensor, how: str) -> Tensor:                            # [..., T] -> [..., NB]
         p = torch.nn.functional.pad(p, (0, pad)).view(*p.shape[:-1], nb, block)
         return p.amax(-1) if how == "max" else p.sum(-1)
 
-    # decode rows
-    qr = q[:, rows]                                                             # [L, R, Hq, D]
-    att = torch.einsum("lrhd,lthd->lhrt", qr, kk) * scale
-    att = att.masked_fill(pos[None, :] > rows[:, None], float("-inf")).softmax(-1)   # [L, Hq, R, T]
-    tmax = block_reduce(att, "max").permute(0, 2, 1, 3)                         # [L, R, Hq, NB]
-    tsum = block_reduce(att, "sum").permute(0, 2, 1, 3)
-    target = _group_sum(tmax, hkv)
-    target = target / target.sum(-1, keepdim=True)
-    mass = _group_sum(tsum, hkv) / g
-    # prefill query blocks
-    qpos = (q_blocks[:, None] * block + torch.arange(block)).clamp(max=T - 1)   # [S, block]
-    qp = q[:, qpos.reshape(-1)]                                                 # [L, S*block, Hq, D]
-    att = torch.einsum("lrhd,lthd->lhrt", qp, kk) * scale
-    att = att.masked_fill(pos[None, :] > qpos.reshape(-1)[:, None], float("-inf")).softmax(-1)
-    att = att.view(L, hq, len(q_blocks), block, T)
-    pmax = block_reduce(att.amax(-2), "max")                                    # [L, Hq, S, NB]
-    psum = block_reduce(att.sum(-2), "sum")
-    p_target = pmax.view(L, hkv, g, len(q_blocks), nb).sum(2)
-    p_target = p_target / p_target.sum(-1, keepdim=True)
-    p_mass = psum.view(L, hkv, g, len(q_blocks), nb).sum(2) / (g * block)
-    return dict(rows=rows, q=qr, pooled=pool_keys(k, block), newest=prefix_pooled_keys(k, rows, block),
-                target=target, mass=mass, q_blocks=q_blocks,
-                q_pool=block_mean_queries(q, block)[:, q_blocks], p_target=p_target, p_mass=p_mass)
+    parts: dict[str, list[Tensor]] = {}
+    for layer in range(L):
+        kk = k[layer].repeat_interleave(g, dim=1)                               # [T, Hq, D]
+        # decode rows
+        qr = q[layer, rows]                                                     # [R, Hq, D]
+        att = torch.einsum("rhd,thd->hrt", qr, kk) * scale
+        att = att.masked_fill(pos[None, :] > rows[:, None], float("-inf")).softmax(-1)   # [Hq, R, T]
+        tmax = block_reduce(att, "max").permute(1, 0, 2)                        # [R, Hq, NB]
+        tsum = block_reduce(att, "sum").permute(1, 0, 2)
+        target = _group_sum(tmax, hkv)
+        parts.setdefault("target", []).append(target / target.sum(-1, keepdim=True))
+        parts.setdefault("mass", []).append(_group_sum(tsum, hkv) / g)
+        # prefill query blocks
+        qp = q[layer, qpos.reshape(-1)]                                         # [S*block, Hq, D]
+        att = torch.einsum("rhd,thd->hrt", qp, kk) * scale
+        att = att.masked_fill(pos[None, :] > qpos.reshape(-1)[:, None], float("-inf")).softmax(-1)
+        att = att.view(hq, len(q_blocks), block, T)
+        pmax = block_reduce(att.amax(-2), "max")                                # [Hq, S, NB]
+        psum = block_reduce(att.sum(-2), "sum")
+        p_target = pmax.view(hkv, g, len(q_blocks), nb).sum(1)
+        parts.setdefault("p_target", []).append(p_target / p_target.sum(-1, keepdim=True))
+        parts.setdefault("p_mass", []).append(psum.view(hkv, g, len(q_blocks), nb).sum(1) / (g * block))
+        del att, kk
+    return dict(rows=rows, q=q[:, rows], pooled=pool_keys(k, block), newest=prefix_pooled_keys(k, rows, block),
+                q_blocks=q_blocks, q_pool=block_mean_queries(q, block)[:, q_blocks],
+                **{n: torch.stack(v) for n, v in parts.items()})
+
+
+def decode_rows(T: int, count: int, generator: torch.Generator, spacing: str = "uniform") -> Tensor:
+    """Sorted decode positions of a window of T tokens. ``uniform``: ``count`` distinct positions drawn
+    uniformly from the last 3/4 (SeerAttention). ``log``: stratified log-uniform over [T/16, T) (one draw
+    per stratum, duplicates dropped): a row at position t of a window is exactly the last token of a
+    t-token prompt (causal model), so every octave of prompt lengths, 1/16 of T to T, gets as many rows."""
+    if spacing == "uniform":
+        lo = int(T * LOSS_FROM)
+        return torch.sort(lo + torch.randperm(T - lo, generator=generator)[:count]).values
+    if spacing == "log":
+        lo = max(1, int(T * LOG_ROWS_FROM))
+        u = (torch.arange(count, dtype=torch.float64) + torch.rand(count, generator=generator, dtype=torch.float64)) / count
+        return torch.unique((lo * (T / lo) ** u).floor().long().clamp(lo, T - 1))
+    raise ValueError(f"rows spacing must be uniform or log, not {spacing!r}")
 
 
 def features(lm: LoadedModel, windows: Tensor, block: int = BLOCK_SIZE, rows_per_window: int = 128,
              prefill_blocks: int = 4, seed: int = 0, rows: Optional[Tensor] = None,
-             progress: bool = False, desc: str = "capturing") -> Features:
-    """Features of every window [N, T]. Decode rows and prefill query blocks are sampled (seeded) from
-    the last 3/4 of the window (the loss rows), the same positions in every window, unless ``rows``."""
+             progress: bool = False, desc: str = "capturing", rows_spacing: str = "uniform") -> Features:
+    """Features of every window [N, T]. Decode rows (``decode_rows``: the last 3/4 of the window, or
+    log-spaced from T/16) and prefill query blocks (the last 3/4) are sampled (seeded), the same
+    positions in every window, unless ``rows``."""
     from tqdm import tqdm
     T = windows.shape[1]
     nb = -(-T // block)
     g = torch.Generator().manual_seed(seed)
     lo = int(T * LOSS_FROM)
     if rows is None:
-        rows = torch.sort(lo + torch.randperm(T - lo, generator=g)[:rows_per_window]).values
+        rows = decode_rows(T, rows_per_window, g, rows_spacing)
     first_qb = lo // block
     q_blocks = torch.sort(first_qb + torch.randperm(nb - first_qb, generator=g)[:prefill_blocks]).values
     parts: dict[str, list[Tensor]] = {}
@@ -398,30 +419,70 @@ def features(lm: LoadedModel, windows: Tensor, block: int = BLOCK_SIZE, rows_per
 
 # -- 5. training ------------------------------------------------------------------------------------
 
+def rotary_matrix(c: Tensor) -> Tensor:
+    """Linear maps that commute with the model's RoPE: c [..., n, P, 2] (per input vector and frequency pair,
+    a complex weight re + i*im) -> W [..., n*D, D], D = 2P, in the rotate-half layout of the model's RoPE
+    (pair p = dims (p, p + P)): (x W) for input j, pair p = (re + i im) * (x_p + i x_{p+P}), summed over
+    the n inputs. RoPE multiplies every pair by a unit complex number, so a rotary query projection and
+    a rotary key projection give a score x_q W_q . x_k W_k that depends on relative positions only."""
+    re, im = c[..., 0], c[..., 1]                                                 # [..., n, P]
+    dg = torch.diag_embed
+    w = torch.cat([torch.cat([dg(re), dg(im)], -1), torch.cat([dg(-im), dg(re)], -1)], -2)  # [..., n, D, D]
+    *lead, n, d, _ = w.shape
+    return w.reshape(*lead, n * d, d)
+
+
 def gate_params(facts: ModelFacts, cfg: CalibrationConfig) -> dict[str, Tensor]:
-    """Initial gate weights (trainable copies)."""
+    """Initial trainable gate parameters: ``free``: the weight matrices themselves; ``rotary``: complex
+    weights per (input vector, frequency pair), [L, Hkv, G or 3, D/2, 2] (``gate_tensors`` expands them)."""
     L, hkv, d, gsz = facts.num_layers, facts.num_kv_heads, facts.head_size, facts.group_size
     g = torch.Generator().manual_seed(cfg.seed)
     dg = cfg.gate_dim
-    if cfg.init == "identity":
-        if dg != d:
-            raise ValueError("identity init needs gate_dim == head_size")
-        base = SeerGates.identity(facts, cfg.block_size)
-        out = {n: getattr(base, n).clone() for n in SeerGates._TENSORS}
-    elif cfg.init == "random":
-        out = {}
-        for n, rows in (("decode_q", gsz * d), ("decode_k", 3 * d), ("prefill_q", gsz * d), ("prefill_k", 3 * d)):
-            out[n] = torch.randn(L, hkv, rows, dg, generator=g) / math.sqrt(rows)
-    else:
+    if cfg.init not in ("identity", "random"):
         raise ValueError(f"init must be identity or random, not {cfg.init!r}")
+    if cfg.param == "rotary":
+        if dg != d or d % 2:
+            raise ValueError("the rotary gate needs gate_dim == head_size (one gate pair per RoPE pair)")
+        out = {}
+        for n, inputs in (("decode_q", gsz), ("decode_k", 3), ("prefill_q", gsz), ("prefill_k", 3)):
+            if cfg.init == "identity":      # = SeerGates.identity: mean query of the group . mean key
+                c = torch.zeros(L, hkv, inputs, d // 2, 2)
+                if n.endswith("_q"):
+                    c[..., 0] = 1.0 / gsz
+                else:
+                    c[:, :, 2, :, 0] = 1.0
+            else:
+                c = torch.randn(L, hkv, inputs, d // 2, 2, generator=g) / math.sqrt(inputs)
+            out[n] = c
+    elif cfg.param == "free":
+        if cfg.init == "identity":
+            if dg != d:
+                raise ValueError("identity init needs gate_dim == head_size")
+            base = SeerGates.identity(facts, cfg.block_size)
+            out = {n: getattr(base, n).clone() for n in SeerGates._TENSORS}
+        else:
+            out = {}
+            for n, rows in (("decode_q", gsz * d), ("decode_k", 3 * d), ("prefill_q", gsz * d), ("prefill_k", 3 * d)):
+                out[n] = torch.randn(L, hkv, rows, dg, generator=g) / math.sqrt(rows)
+    else:
+        raise ValueError(f"param must be rotary or free, not {cfg.param!r}")
     return {n: v.contiguous().requires_grad_(True) for n, v in out.items()}
 
 
+def gate_tensors(params: dict[str, Tensor], cfg: CalibrationConfig) -> dict[str, Tensor]:
+    """The gate weight matrices (``SeerGates`` layout) of the trainable parameters (differentiable)."""
+    if cfg.param == "rotary":
+        return {n: rotary_matrix(v) for n, v in params.items()}
+    return dict(params)
+
+
 def to_gates(params: dict[str, Tensor], facts: ModelFacts, cfg: CalibrationConfig) -> SeerGates:
+    with torch.no_grad():
+        w = gate_tensors(params, cfg)
     return SeerGates(model_id=facts.model_id, num_layers=facts.num_layers, num_q_heads=facts.num_q_heads,
                      num_kv_heads=facts.num_kv_heads, head_size=facts.head_size, block_size=cfg.block_size,
-                     gate_dim=params["decode_q"].shape[-1], rope_theta=cfg.rope_theta,
-                     **{n: params[n].detach().clone() for n in SeerGates._TENSORS})
+                     gate_dim=w["decode_q"].shape[-1], rope_theta=cfg.rope_theta,
+                     **{n: w[n].detach().clone() for n in SeerGates._TENSORS})
 
 
 def _kl(target: Tensor, logits: Tensor) -> Tensor:
@@ -487,7 +548,7 @@ def train(params: dict[str, Tensor], f: Features, cfg: CalibrationConfig, checkp
     for step in bar:
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
         idx = torch.randperm(n, generator=g)[:min(cfg.batch, n)]
-        d, p = losses(params, cfg.rope_theta, f, idx, cfg.block_size)
+        d, p = losses(gate_tensors(params, cfg), cfg.rope_theta, f, idx, cfg.block_size)
         loss = d + p
         opt.zero_grad()
         loss.backward()
@@ -526,14 +587,14 @@ def calibrate(model_dir: str | Path, out: str | Path, cfg: CalibrationConfig, re
     t0 = time.time()
     torch.manual_seed(cfg.seed)
     out = Path(out).expanduser()
-    lm = load_model(model_dir, getattr(torch, cfg.dtype))
+    lm = load_model(model_dir, getattr(torch, cfg.dtype), attention="sdpa")   # no [H, T, T] map per layer
     docs = calibration_documents()
     train_ids = token_windows(lm.tokenizer, calibration_text("train", docs), cfg.seq_len, cfg.windows)
     eval_ids = token_windows(lm.tokenizer, calibration_text("eval", docs), cfg.seq_len, eval_windows)
     log(f"calibration text: {train_ids.shape[0]} training and {eval_ids.shape[0]} held-out windows of "
         f"{cfg.seq_len} tokens")
     kw = dict(block=cfg.block_size, rows_per_window=cfg.rows_per_window, prefill_blocks=cfg.prefill_blocks,
-              progress=progress)
+              rows_spacing=cfg.rows_spacing, progress=progress)
     f_train = features(lm, train_ids, seed=cfg.seed, desc="capturing q/k (train)", **kw)
     f_eval = features(lm, eval_ids, seed=cfg.seed + 1, desc="capturing q/k (held out)", **kw)
     params = gate_params(lm.facts, cfg)

@@ -14,17 +14,19 @@ from typing import Optional
 class CalibrationConfig:
     """Options of one calibration (recorded in the gate file's metadata)."""
     seed: int = 0
-    steps: int = 80
-    seq_len: int = 4096
-    windows: int = 2
-    lr: float = 2e-3
-    batch: int = 2
-    rows_per_window: int = 128
+    steps: int = 200
+    seq_len: int = 8192
+    windows: int = 3
+    lr: float = 3e-2
+    batch: int = 3
+    rows_per_window: int = 256
+    rows_spacing: str = "log"         # decode rows: log (T/16..T, every prompt length alike) | uniform (last 3/4)
     prefill_blocks: int = 4
     block_size: int = 64
     gate_dim: int = 64
     rope_theta: float = 0.0
     init: str = "identity"            # identity | random
+    param: str = "rotary"             # rotary (commutes with RoPE: relative positions only) | free
     dtype: str = "float32"
 
 
@@ -44,11 +46,18 @@ def add_calibrate_arguments(parser) -> None:
     parser.add_argument("--batch", type=int, default=d.batch, help="windows per step")
     parser.add_argument("--eval-windows", type=int, default=1, help="held-out windows (loss before/after)")
     parser.add_argument("--rows", type=int, default=d.rows_per_window, help="decode rows per window (last 3/4)")
+    parser.add_argument("--rows-spacing", default=d.rows_spacing, choices=("log", "uniform"),
+                        help="decode rows: log-spaced over [T/16, T) (prompt lengths T/16..T alike) or "
+                             "uniform over the last 3/4 of each window")
     parser.add_argument("--block-size", type=int, default=d.block_size, choices=(16, 32, 64, 128))
     parser.add_argument("--gate-dim", type=int, default=d.gate_dim)
     parser.add_argument("--rope-theta", type=float, default=d.rope_theta,
                         help="gate RoPE at block positions (0: none; the cached keys are already rotated)")
     parser.add_argument("--init", default=d.init, choices=("identity", "random"))
+    parser.add_argument("--param", default=d.param, choices=("rotary", "free"),
+                        help="gate parametrisation: rotary = per RoPE frequency pair a complex weight per query "
+                             "head and per pooled key (max/min/mean), so the gate score depends on relative "
+                             "positions only and generalises to longer prompts; free = any linear map")
     parser.add_argument("--dtype", default=d.dtype, choices=("float32", "bfloat16"))
     parser.add_argument("--resume", action="store_true", help="continue from <out>.ckpt if present")
     parser.add_argument("--if-missing", action="store_true", help="do nothing if --out exists (set-up)")
@@ -63,8 +72,8 @@ def run_calibrate(args) -> int:
         return 0
     cfg = CalibrationConfig(seed=args.seed, steps=args.steps, seq_len=args.seq_len, windows=args.windows,
                             lr=args.lr, batch=args.batch, block_size=args.block_size, gate_dim=args.gate_dim,
-                            rope_theta=args.rope_theta, init=args.init, dtype=args.dtype,
-                            rows_per_window=args.rows)
+                            rope_theta=args.rope_theta, init=args.init, param=args.param, dtype=args.dtype,
+                            rows_per_window=args.rows, rows_spacing=args.rows_spacing)
     calibrate(model, out, cfg, resume=args.resume or args.if_missing, eval_windows=args.eval_windows)
     return 0
 

@@ -16,7 +16,8 @@ BLOCK = 16  # the block size of the session features (conftest.BLOCK)
 
 
 def _gates(lm) -> SeerGates:
-    cfg = sc.CalibrationConfig(block_size=BLOCK, init="random", gate_dim=16, rope_theta=1e4, seed=5)
+    cfg = sc.CalibrationConfig(block_size=BLOCK, init="random", param="free", gate_dim=16, rope_theta=1e4,
+                                 seed=5)
     return sc.to_gates(sc.gate_params(lm.facts, cfg), lm.facts, cfg)
 
 

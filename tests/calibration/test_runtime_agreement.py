@@ -33,7 +33,8 @@ def _paged(k: torch.Tensor, rows: int = 1, num_blocks: int = 32, seed: int = 0):
 
 
 def _random_gates(facts, rope_theta: float) -> SeerGates:
-    cfg = sc.CalibrationConfig(block_size=BLOCK, init="random", gate_dim=32, rope_theta=rope_theta, seed=3)
+    cfg = sc.CalibrationConfig(block_size=BLOCK, init="random", param="free", gate_dim=32,
+                                 rope_theta=rope_theta, seed=3)
     return sc.to_gates(sc.gate_params(facts, cfg), facts, cfg)
 
 

@@ -1,9 +1,10 @@
 """Real calibration on the real model (short windows, few steps): the held-out KL falls, trained gates
 recall more attention mass than untrained ones at the same sparsity, training is deterministic and
-resumable."""
+resumable; the rotary gate's score depends on relative positions only."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from strategies import seer_calibration as sc
@@ -14,7 +15,7 @@ STEPS = 40
 
 
 def _cfg(**kw) -> sc.CalibrationConfig:
-    base = dict(block_size=BLOCK, init="random", gate_dim=32, steps=STEPS, batch=2, lr=1e-2, seed=0)
+    base = dict(block_size=BLOCK, init="random", param="rotary", gate_dim=64, steps=STEPS, batch=2, lr=1e-2, seed=0)
     return sc.CalibrationConfig(**{**base, **kw})
 
 
@@ -29,8 +30,9 @@ def _recall(rows, setting, method):
     return float(row.sparsity.mean()), float(row.recall.mean())
 
 
-def test_training_reduces_heldout_kl_and_beats_untrained_gates(lm, train_features, heldout_features):
-    cfg = _cfg()
+@pytest.mark.parametrize("param", ["rotary", "free"])
+def test_training_reduces_heldout_kl_and_beats_untrained_gates(lm, train_features, heldout_features, param):
+    cfg = _cfg(param=param, gate_dim=64 if param == "rotary" else 32)
     untrained = sc.to_gates(sc.gate_params(lm.facts, cfg), lm.facts, cfg)
     trained = _train(lm, train_features, cfg)
     before, after = sc.gate_losses(untrained, heldout_features), sc.gate_losses(trained, heldout_features)
@@ -64,3 +66,43 @@ def test_training_is_deterministic_and_resumable(lm, train_features, tmp_path):
         torch.testing.assert_close(getattr(resumed, n), getattr(a, n), rtol=0, atol=1e-6)
     other = _train(lm, train_features, _cfg(steps=6, seed=1))
     assert not torch.equal(other.decode_q, a.decode_q)
+
+
+def test_rotary_gate_scores_depend_on_relative_positions_only(lm):
+    """RoPE shifts every post-RoPE query and key by the same rotation when the whole text moves by Δ tokens:
+    a rotary gate's decode logits (mean-pooled keys: the equivariant pooling) do not change; a free gate's do."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+    d, hq, hkv = lm.facts.head_size, lm.facts.num_q_heads, lm.facts.num_kv_heads
+    g = torch.Generator().manual_seed(0)
+    T, rows = 4 * BLOCK + 5, torch.tensor([3 * BLOCK + 2, 4 * BLOCK + 4])
+    q, k = torch.randn(1, T, hq, d, generator=g), torch.randn(1, T, hkv, d, generator=g)
+
+    def shift(x, delta):      # rotate by delta positions, exactly as the model's RoPE does
+        inv = 1.0 / lm.rope_theta ** (torch.arange(0, d, 2).float() / d)
+        emb = torch.cat([inv * delta, inv * delta])
+        cos, sin = emb.cos().view(1, 1, d), emb.sin().view(1, 1, d)
+        return apply_rotary_pos_emb(x.transpose(1, 2), x.transpose(1, 2), cos, sin)[0].transpose(1, 2)
+
+    def logits(gates, q, k):
+        pooled, newest = sc.pool_keys(k, BLOCK), sc.prefix_pooled_keys(k, rows, BLOCK)
+        keep_mean = torch.zeros(3 * d)
+        keep_mean[2 * d:] = 1      # max/min pooling is not rotation-equivariant; the mean is
+        return sc.decode_logits(gates.decode_q, gates.decode_k * keep_mean[:, None], gates.rope_theta, q[:, rows],
+                                rows, pooled, newest, BLOCK)
+
+    for param, dg, same in (("rotary", d, True), ("free", d, False)):
+        cfg = _cfg(param=param, gate_dim=dg)
+        gates = sc.to_gates(sc.gate_params(lm.facts, cfg), lm.facts, cfg)
+        a, b = logits(gates, q, k), logits(gates, shift(q, 3000.0), shift(k, 3000.0))
+        assert torch.allclose(a, b, atol=1e-3, rtol=1e-4) == same, param
+
+
+def test_log_spaced_decode_rows_cover_every_octave():
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    rows = sc.decode_rows(8192, 128, g(), "log")
+    assert torch.equal(rows, sc.decode_rows(8192, 128, g(), "log"))
+    assert rows.numel() == 128 and bool((rows[1:] > rows[:-1]).all()) and 512 <= int(rows[0]) and int(rows[-1]) < 8192
+    for lo in (512, 1024, 2048, 4096):
+        assert int(((rows >= lo) & (rows < 2 * lo)).sum()) == 32
+    uniform = sc.decode_rows(8192, 128, g(), "uniform")
+    assert int(uniform[0]) >= 2048 and uniform.numel() == 128
