@@ -115,6 +115,8 @@ def main() -> int:
     parser.add_argument("--variant", action="append", default=[], metavar="LABEL=STRATEGY:JSON",
                         help="an extra row: a strategy with params over the budget's, e.g. "
                              "'landmark-d0=landmark:{\"dense_layers\": 0}' (repeatable)")
+    parser.add_argument("--stock-first", action="store_true",
+                        help="run the stock vLLM server before attnserve's (to see order effects)")
     parser.add_argument("--prefix-caching", action="store_true",
                         help="let vLLM reuse the prompts' KV across cells (faster runs; decode TPOT is "
                              "what is measured, prefill is not)")
@@ -134,6 +136,8 @@ def main() -> int:
     results: dict[tuple[str, int, int], float] = {}
 
     servers = [("attnserve", True)] + ([] if args.no_stock else [("stock", False)])
+    if args.stock_first:
+        servers.reverse()
     for server_name, plugin in servers:
         log = Path(tempfile.mkdtemp()) / f"{server_name}.log"
         proc = start_server(args.port, plugin, log, max_len, args.prefix_caching)
