@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import requests
+from gevent import GreenletExit
 from locust import HttpUser, between, events, task
 from locust.exception import StopUser
 
@@ -132,8 +133,14 @@ class OpenAIUser(HttpUser):
             sample.fail("connection", str(err))
         except requests.RequestException as err:
             sample.fail("request", str(err))
-        finally:
-            self._record(sample)
+        except GreenletExit:
+            # Locust stopped this user mid-request at the end of the run: the load generator
+            # cancelled the request, the server neither failed nor dropped it; not a sample
+            _Run.started -= 1
+            raise
+        except Exception as err:  # noqa: BLE001 - a client-side bug: an error sample saying what
+            sample.fail("client_exception", repr(err))
+        self._record(sample)
 
     def _body(self, api: str, strategy: str, prompt: str) -> dict:
         mix = _Run.mix
