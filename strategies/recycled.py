@@ -106,13 +106,13 @@ class RecycledStrategy(Strategy):
 
     def _pool(self, layer: int, key_cache: Tensor) -> tuple[Tensor, Tensor]:
         found = self.pools.get(layer)
-        if found is not None and found[0].shape[0] == self.pool_pages and found[0].dtype == key_cache.dtype \
-                and found[0].device == key_cache.device:
+        usable = found is not None and found[0].dtype == key_cache.dtype and found[0].device == key_cache.device
+        if usable and found[0].shape[0] == self.pool_pages:
             return found
         shape = (self.pool_pages, self.model.num_kv_heads, self.POOL_PAGE, key_cache.shape[3])
         pool = (torch.zeros(shape, dtype=key_cache.dtype, device=key_cache.device),
                 torch.zeros(shape, dtype=key_cache.dtype, device=key_cache.device))
-        if found is not None and found[0].dtype == key_cache.dtype and found[0].device == key_cache.device:
+        if usable:      # the pool grew: keep the buffers already filled
             pool[0][:found[0].shape[0]] = found[0]
             pool[1][:found[1].shape[0]] = found[1]
         self.pools[layer] = pool

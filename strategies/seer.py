@@ -297,32 +297,38 @@ class SeerStrategy(Strategy):
             self.pooled[(pool, layer)] = pooled
         return pooled
 
-    def _pooled_keys(self, layer: int, key_cache: Tensor, group: SeerGroup) -> Tensor:
-        """Pool the new tokens; the group's pooled keys [n, NB, Hkv, 3D] (garbage past num_blocks)."""
+    @staticmethod
+    def _blocks_of(cache: Tensor, group: SeerGroup) -> Tensor:
+        """The group's rows of a per-physical-page block cache [num_blocks, Hkv, page / pool, W] as
+        [n, NB, Hkv, W] (garbage past num_blocks)."""
+        n, nb_max = group.block_phys.shape
+        _, hkv, slots, width = cache.shape
+        pages = -(-nb_max // slots)
+        if pages > group.rows.block_table.shape[1]:
+            return cache[group.block_phys, :, group.block_slot]
+        # The same gather as cache[block_phys, :, block_slot], as whole pages (one index_select, a
+        # cheap copy) instead of advanced indexing on two dims (several times slower per layer).
+        phys = group.rows.block_table[:, :pages].reshape(-1).long()
+        whole = cache.index_select(0, phys).view(n, pages, hkv, slots, width).transpose(2, 3)
+        return whole.reshape(n, pages * slots, hkv, width)[:, :nb_max]
+
+    def _pool_new_tokens(self, layer: int, key_cache: Tensor, group: SeerGroup) -> Tensor:
+        """Pool the group's tokens not pooled yet; the layer's pooled-key cache [num_blocks, Hkv, slots, 3D]."""
         from strategies import ops
-        num_blocks, hkv, page, d = key_cache.shape
         pooled = self._pooled_cache(layer, key_cache, group.pool)
         ops.seer_pool_keys(key_cache, group.rows.block_table, group.start_pos, group.rows.seq_lens, group.pool,
                            pooled)
-        n, nb_max = group.block_phys.shape
-        slots = page // group.pool
-        pages = -(-nb_max // slots)
-        if pages > group.rows.block_table.shape[1]:
-            return pooled[group.block_phys, :, group.block_slot]
-        # The same gather as pooled[block_phys, :, block_slot], as whole pages (one index_select, a
-        # cheap copy) instead of advanced indexing on two dims (several times slower per layer).
-        phys = group.rows.block_table[:, :pages].reshape(-1).long()
-        whole = pooled.index_select(0, phys).view(n, pages, hkv, slots, 3 * d).transpose(2, 3)
-        return whole.reshape(n, pages * slots, hkv, 3 * d)[:, :nb_max]
+        return pooled
+
+    def _pooled_keys(self, layer: int, key_cache: Tensor, group: SeerGroup) -> Tensor:
+        """Pool the new tokens; the group's pooled keys [n, NB, Hkv, 3D] (garbage past num_blocks)."""
+        return self._blocks_of(self._pool_new_tokens(layer, key_cache, group), group)
 
     def _decode_gate_keys(self, layer: int, key_cache: Tensor, group: SeerGroup) -> Tensor:
         """Pool the new tokens, re-project the stale blocks; the group's gate keys [n, Hkv, NB, Dg]."""
-        from strategies import ops
         num_blocks, hkv, page, _ = key_cache.shape
         gates, slots = group.gates, page // group.pool
-        pooled = self._pooled_cache(layer, key_cache, group.pool)
-        ops.seer_pool_keys(key_cache, group.rows.block_table, group.start_pos, group.rows.seq_lens, group.pool,
-                           pooled)
+        pooled = self._pool_new_tokens(layer, key_cache, group)
         cache = self.gate_keys.get((group.gates_key, layer))
         if cache is None or cache.shape[0] != num_blocks or cache.device != key_cache.device:
             cache = torch.zeros(num_blocks, hkv, slots, gates.gate_dim, dtype=torch.float32, device=key_cache.device)
@@ -333,13 +339,7 @@ class SeerStrategy(Strategy):
             if gates.rope_theta > 0:
                 fresh = rope(fresh, group.dirty_pos, gates.rope_theta)
             cache[group.dirty_phys, :, group.dirty_slot] = fresh.transpose(0, 1)
-        n, nb_max = group.block_phys.shape
-        pages = -(-nb_max // slots)
-        if pages > group.rows.block_table.shape[1]:
-            return cache[group.block_phys, :, group.block_slot].transpose(1, 2)
-        phys = group.rows.block_table[:, :pages].reshape(-1).long()
-        whole = cache.index_select(0, phys).view(n, pages, hkv, slots, -1).transpose(1, 2)
-        return whole.reshape(n, hkv, pages * slots, -1)[:, :, :nb_max]
+        return self._blocks_of(cache, group).transpose(1, 2)
 
     def select(self, layer: int, q: Tensor, key_cache: Tensor, group: SeerGroup) -> tuple[Tensor, Tensor, Tensor]:
         """Decode selection: (token_idx [n, Hkv, K], num_idx [n, Hkv], probs [n, Hkv, NB])."""
