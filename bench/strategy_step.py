@@ -52,8 +52,9 @@ def strategy_params(name: str, budget: float, context: int) -> dict:
 
 
 def step_runner(name: str, params: dict, caches, table, batch: int, context: int, steps: int,
-                generator: torch.Generator):
-    """Yields the seconds of each decode step 0..steps (step 0 warms the strategy's state)."""
+                generator: torch.Generator, grain: int | None = None):
+    """Yields the seconds of each decode step 0..steps (step 0 warms the strategy's state); with
+    `grain`, our CPU ops run at that parallel grain during this runner's steps."""
     model = model_facts()
     query = torch.randn(batch, HQ, D, generator=generator).to(DTYPE)
     out = torch.empty_like(query)
@@ -71,6 +72,8 @@ def step_runner(name: str, params: dict, caches, table, batch: int, context: int
     validated = strategy.Params.from_dict(params)
     ids = [f"r{i}" for i in range(batch)]
     for step in range(steps + 1):
+        if grain is not None:
+            ops.set_parallel_grain(grain)
         started = time.perf_counter()
         rows = StepRows.build(ids, [validated] * batch, [1] * batch, [context + step] * batch, table)
         plan = strategy.plan(rows)
@@ -107,6 +110,9 @@ def main() -> None:
     parser.add_argument("--strategies", nargs="+", default=["full", "sink", "recycled", "landmark", "seer"])
     parser.add_argument("--param", action="append", default=[], metavar="STRATEGY.NAME=JSON",
                         help="override a param, e.g. landmark.dense_layers=0")
+    parser.add_argument("--grains", type=int, nargs="+", default=None, metavar="N",
+                        help="run each sparse strategy once per CPU parallel grain (work units below "
+                             "which our ops use one thread), interleaved, e.g. --grains 16777216 1048576")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     assert ops.has_compiled("sparse_paged_attention", "cpu"), ops.EXTENSION_ERROR
@@ -120,12 +126,21 @@ def main() -> None:
         overrides.setdefault(strat, {})[pname] = json.loads(value)
     params_of = {name: {**strategy_params(name, args.budget, args.context), **overrides.get(name, {})}
                  for name in args.strategies}
-    runners = {name: step_runner(name, params_of[name], caches, table, args.batch, args.context, args.steps,
-                                 generator) for name in args.strategies}
-    results = {name: (params_of[name], seconds) for name, seconds in time_interleaved(runners).items()}
+    default_grain = ops.set_parallel_grain(-1)
+    grains = args.grains or [None]
+    runners, params_of_label = {}, {}
+    for name in args.strategies:
+        for grain in ([None] if name == "full" else grains):
+            label = name if grain is None else f"{name}@grain={grain}"
+            params_of_label[label] = params_of[name]
+            runners[label] = step_runner(name, params_of[name], caches, table, args.batch, args.context,
+                                         args.steps, generator, grain)
+    results = {label: (params_of_label[label], seconds)
+               for label, seconds in time_interleaved(runners).items()}
     base = results.get("full", (None, None))[1]
     print(f"\n{time.strftime('%Y-%m-%d')}: batch {args.batch}, context {args.context}, {args.layers} layers, "
-          f"budget {args.budget}, {torch.get_num_threads()} threads; attention only (no model)")
+          f"budget {args.budget}, {torch.get_num_threads()} threads, default parallel grain "
+          f"{default_grain}; attention only (no model)")
     print("| strategy | params | ms/step | ms/layer | full / strategy |")
     print("|---|---|---|---|---|")
     for name, (params, seconds) in results.items():

@@ -47,7 +47,32 @@ TORCH_LIBRARY(attnserve, m) {
       "Tensor(b!) dst_value) -> ()");
 }
 
+namespace attnserve {
+int64_t parallel_grain();
+int64_t set_parallel_grain(int64_t value);
+}  // namespace attnserve
+
+namespace {
+
+// set_parallel_grain(n) -> previous grain; n < 0 only reads it (csrc/cpu/common.h threads_for).
+PyObject* set_parallel_grain(PyObject*, PyObject* arg) {
+  const long long value = PyLong_AsLongLong(arg);
+  if (value == -1 && PyErr_Occurred()) return nullptr;
+  const int64_t previous =
+      value < 0 ? attnserve::parallel_grain() : attnserve::set_parallel_grain(value);
+  return PyLong_FromLongLong(previous);
+}
+
+PyMethodDef module_methods[] = {
+    {"set_parallel_grain", set_parallel_grain, METH_O,
+     "set_parallel_grain(n) -> previous: CPU ops whose work (~multiply-adds) is below n run on one "
+     "thread; n < 0 returns the current grain unchanged."},
+    {nullptr, nullptr, 0, nullptr}};
+
+}  // namespace
+
 // `import strategies._C` loads this library, which registers the ops above.
-static struct PyModuleDef attnserve_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+static struct PyModuleDef attnserve_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1,
+                                              module_methods};
 
 PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&attnserve_module); }

@@ -28,6 +28,15 @@ def extension_loaded() -> bool:
     return EXTENSION_ERROR is None
 
 
+def set_parallel_grain(grain: int) -> int:
+    """CPU ops whose work (~ multiply-adds) is below `grain` run on one thread; returns the previous
+    grain; a negative `grain` only reads it. Process-wide; the default comes from csrc/cpu/common.h
+    or ATTNSERVE_PARALLEL_GRAIN."""
+    if not extension_loaded():
+        raise RuntimeError(f"the compiled extension is not loaded: {EXTENSION_ERROR}")
+    return strategies._C.set_parallel_grain(int(grain))
+
+
 def _dispatch_key(device: torch.device | str) -> str:
     device_type = torch.device(device).type
     return {"cpu": "CPU", "cuda": "CUDA", "meta": "Meta"}.get(device_type, device_type.upper())

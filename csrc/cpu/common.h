@@ -88,15 +88,17 @@ ATTNSERVE_INLINE float exp_nonpositive(float x) {
   return p * bits_to_float(exponent);
 }
 
-// OpenMP threads for a kernel call of `work` units (~ one multiply-add each): 1 below `grain`.
+// OpenMP threads for a kernel call of `work` units (~ one multiply-add each): 1 below the grain.
 // A parallel region costs a fork and a join barrier; on a shared, loaded machine (vLLM binds one
 // OpenMP thread per core) a descheduled team thread holds that barrier for a scheduler time slice
 // (ms), so a few-microsecond decode op per layer could take milliseconds. Small work runs serially.
-constexpr int64_t kParallelGrain = int64_t{1} << 24;
+// The grain is process-wide: ATTNSERVE_PARALLEL_GRAIN at load, strategies._C.set_parallel_grain.
+constexpr int64_t kDefaultParallelGrain = int64_t{1} << 18;
 
-inline int threads_for(int64_t work, int64_t grain = kParallelGrain) {
-  const int threads = at::get_num_threads();
-  return work < grain ? 1 : threads;
+int64_t parallel_grain();
+
+inline int threads_for(int64_t work) {
+  return work < parallel_grain() ? 1 : at::get_num_threads();
 }
 
 inline void check_cache(const at::Tensor& cache, const char* name) {

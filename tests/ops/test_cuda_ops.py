@@ -347,9 +347,9 @@ def emulation_library() -> Path:
 
     from torch.utils.cpp_extension import include_paths, library_paths
 
-    sources = [ROOT / "csrc" / "bindings.cpp", CUDA_DIR / "binding.cpp",
-               *sorted(CUDA_DIR.glob("*.cu"))]
-    headers = [*sorted(CUDA_DIR.glob("*.h")), *sorted(CUDA_DIR.glob("*.cuh")),
+    sources = [ROOT / "csrc" / "bindings.cpp", ROOT / "csrc" / "cpu" / "parallel.cpp",
+               CUDA_DIR / "binding.cpp", *sorted(CUDA_DIR.glob("*.cu"))]
+    headers = [ROOT / "csrc" / "cpu" / "common.h", *sorted(CUDA_DIR.glob("*.h")), *sorted(CUDA_DIR.glob("*.cuh")),
                *sorted((CUDA_DIR / "emulation").glob("*.h"))]
     compiler = os.environ.get("CXX", "c++")
     flags = ["-std=c++20", "-O1", "-fPIC", "-fno-strict-aliasing", "-Wno-unknown-pragmas",
