@@ -10,6 +10,11 @@ output token: over the window in which every request of the batch is decoding (f
 request's first token to the first request's last token), the median over requests of window /
 tokens in it. Seer uses the gates the server finds for the model (shipped for the embedded one).
 Prints one table with ratios; no assertion.
+
+With ``--paired`` both servers run at once (the idle one waits on its socket) and ``full`` through
+attnserve is measured against stock vLLM in ``--rounds`` rounds of the order A B B A per cell, so that
+drift and order effects of this shared machine fall on both alike; ``full`` and ``stock`` are then the
+means over the rounds.
 """
 
 from __future__ import annotations
@@ -103,6 +108,45 @@ async def cell(base: str, model: str, prompts: list[list[int]], new_tokens: int,
     return steady_decode_tpot(token_times)
 
 
+def run_paired(args, variants, tokenizer, model, attention_for, measure, results) -> None:
+    """Both servers up at once; per cell the strategies on attnserve, then full (A) vs stock (B) in
+    A B B A rounds; results[full] / results[stock] are the round means."""
+    max_len = max(args.lengths) + args.new_tokens + 16
+    ports = {"attnserve": args.port, "stock": args.port + 1}
+    procs = {}
+    try:
+        for server_name, port in ports.items():
+            log = Path(tempfile.mkdtemp()) / f"{server_name}.log"
+            procs[server_name] = (start_server(port, server_name == "attnserve", log, max_len,
+                                               args.prefix_caching), log)
+        for server_name, (proc, log) in procs.items():
+            wait_healthy(f"http://127.0.0.1:{ports[server_name]}", proc, timeout_s=900, log_path=log)
+        attnserve, stock = (f"http://127.0.0.1:{ports[name]}" for name in ("attnserve", "stock"))
+        for length in args.lengths:
+            for batch in args.batches:
+                prompts = [prompt_ids(tokenizer, length, 311 * i) for i in range(batch)]
+                # warm both servers' prefix caches and allocators for this cell
+                measure(attnserve, prompts, attention_for("full", length))
+                measure(stock, prompts, None)
+                for name in [n for n in args.strategies + list(variants) if n != "full"]:
+                    results[(name, length, batch)] = measure(attnserve, prompts, attention_for(name, length))
+                    print(f"{(name, length, batch)}: {results[(name, length, batch)] * 1000:.1f} ms/token",
+                          flush=True)
+                rounds = {"full": [], "stock": []}
+                for _ in range(args.rounds):
+                    for name in ("full", "stock", "stock", "full"):
+                        server = attnserve if name == "full" else stock
+                        attention = attention_for("full", length) if name == "full" else None
+                        rounds[name].append(measure(server, prompts, attention))
+                for name, times in rounds.items():
+                    results[(name, length, batch)] = statistics.mean(times)
+                    print(f"{(name, length, batch)}: {results[(name, length, batch)] * 1000:.1f} ms/token "
+                          f"(rounds: {', '.join(f'{t * 1000:.1f}' for t in times)})", flush=True)
+    finally:
+        for proc, _ in procs.values():
+            stop_process_group(proc)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8000])
@@ -117,6 +161,9 @@ def main() -> int:
                              "'landmark-d0=landmark:{\"dense_layers\": 0}' (repeatable)")
     parser.add_argument("--stock-first", action="store_true",
                         help="run the stock vLLM server before attnserve's (to see order effects)")
+    parser.add_argument("--paired", action="store_true",
+                        help="run both servers at once and measure full vs stock in A B B A rounds")
+    parser.add_argument("--rounds", type=int, default=2, help="A B B A rounds per cell with --paired")
     parser.add_argument("--prefix-caching", action="store_true",
                         help="let vLLM reuse the prompts' KV across cells (faster runs; decode TPOT is "
                              "what is measured, prefill is not)")
@@ -135,31 +182,38 @@ def main() -> int:
     model = MODEL_DIR.name
     results: dict[tuple[str, int, int], float] = {}
 
-    servers = [("attnserve", True)] + ([] if args.no_stock else [("stock", False)])
-    if args.stock_first:
-        servers.reverse()
-    for server_name, plugin in servers:
-        log = Path(tempfile.mkdtemp()) / f"{server_name}.log"
-        proc = start_server(args.port, plugin, log, max_len, args.prefix_caching)
-        try:
-            wait_healthy(base, proc, timeout_s=900, log_path=log)
-            names = args.strategies + list(variants) if plugin else ["full"]
-            for length in args.lengths:
-                for batch in args.batches:
-                    prompts = [prompt_ids(tokenizer, length, 311 * i) for i in range(batch)]
-                    for name in names:
-                        strategy, extra = variants.get(name, (name, {}))
-                        attention = strategies(args.budget)[strategy] if plugin else None
-                        if attention and strategy == "sink":
-                            attention = {"strategy": "sink",
-                                         "params": {"n_sink": 4, "window": max(1, int(args.budget * length) - 4)}}
-                        if attention:
-                            attention = {"strategy": strategy, "params": {**attention["params"], **extra}}
-                        key = (server_name if not plugin else name, length, batch)
-                        results[key] = asyncio.run(cell(base, model, prompts, args.new_tokens, attention))
-                        print(f"{key}: {results[key] * 1000:.1f} ms/token", flush=True)
-        finally:
-            stop_process_group(proc)
+    def attention_for(name: str, length: int) -> dict | None:
+        strategy, extra = variants.get(name, (name, {}))
+        attention = strategies(args.budget)[strategy]
+        if strategy == "sink":
+            attention = {"strategy": "sink",
+                         "params": {"n_sink": 4, "window": max(1, int(args.budget * length) - 4)}}
+        return {"strategy": strategy, "params": {**attention["params"], **extra}}
+
+    def measure(server_base: str, prompts: list[list[int]], attention: dict | None) -> float:
+        return asyncio.run(cell(server_base, model, prompts, args.new_tokens, attention))
+
+    if args.paired:
+        run_paired(args, variants, tokenizer, model, attention_for, measure, results)
+    else:
+        servers = [("attnserve", True)] + ([] if args.no_stock else [("stock", False)])
+        if args.stock_first:
+            servers.reverse()
+        for server_name, plugin in servers:
+            log = Path(tempfile.mkdtemp()) / f"{server_name}.log"
+            proc = start_server(args.port, plugin, log, max_len, args.prefix_caching)
+            try:
+                wait_healthy(base, proc, timeout_s=900, log_path=log)
+                names = args.strategies + list(variants) if plugin else ["full"]
+                for length in args.lengths:
+                    for batch in args.batches:
+                        prompts = [prompt_ids(tokenizer, length, 311 * i) for i in range(batch)]
+                        for name in names:
+                            key = (server_name if not plugin else name, length, batch)
+                            results[key] = measure(base, prompts, attention_for(name, length) if plugin else None)
+                            print(f"{key}: {results[key] * 1000:.1f} ms/token", flush=True)
+            finally:
+                stop_process_group(proc)
 
     rows = list(args.strategies) + list(variants) + ([] if args.no_stock else ["stock"])
     print(f"\nTPOT ms/token (ratio vs full | vs stock), budget {args.budget}, {args.new_tokens} new tokens")

@@ -90,6 +90,7 @@ class RecycledStrategy(Strategy):
         self.pool_pages = 0                                    # pages in every layer's pool
         self.free_pages: list[int] = []
         self.pools: dict[int, tuple[Tensor, Tensor]] = {}      # layer -> (K, V) [pages, Hkv, POOL_PAGE, D]
+                                                               # views; K strided like the KV cache's K
 
     def _reserve(self, state: RecycledState, tokens: int) -> None:
         """Give ``state`` pool pages for ``tokens`` tokens per layer and KV head (the pool grows by doubling;
@@ -110,8 +111,14 @@ class RecycledStrategy(Strategy):
         if usable and found[0].shape[0] == self.pool_pages:
             return found
         shape = (self.pool_pages, self.model.num_kv_heads, self.POOL_PAGE, key_cache.shape[3])
-        pool = (torch.zeros(shape, dtype=key_cache.dtype, device=key_cache.device),
-                torch.zeros(shape, dtype=key_cache.dtype, device=key_cache.device))
+        options = dict(dtype=key_cache.dtype, device=key_cache.device)
+        if key_cache.stride(2) == 1 and key_cache.stride(3) != 1:
+            # K in the cache's own layout (vLLM CPU: token-contiguous per page), so that decode over the
+            # pool reads whole runs of tokens with the kernel's vectorised-over-tokens path
+            pool_key = torch.zeros(shape[0], shape[1], shape[3], shape[2], **options).transpose(2, 3)
+        else:
+            pool_key = torch.zeros(shape, **options)
+        pool = (pool_key, torch.zeros(shape, **options))
         if usable:      # the pool grew: keep the buffers already filled
             pool[0][:found[0].shape[0]] = found[0]
             pool[1][:found[1].shape[0]] = found[1]

@@ -93,7 +93,7 @@ ATTNSERVE_INLINE float exp_nonpositive(float x) {
 // OpenMP thread per core) a descheduled team thread holds that barrier for a scheduler time slice
 // (ms), so a few-microsecond decode op per layer could take milliseconds. Small work runs serially.
 // The grain is process-wide: ATTNSERVE_PARALLEL_GRAIN at load, strategies._C.set_parallel_grain.
-constexpr int64_t kDefaultParallelGrain = int64_t{1} << 18;
+constexpr int64_t kDefaultParallelGrain = int64_t{1} << 24;
 
 int64_t parallel_grain();
 

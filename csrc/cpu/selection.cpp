@@ -3,6 +3,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <functional>
 #include <numeric>
 #include <vector>
 
@@ -388,19 +389,44 @@ std::tuple<at::Tensor, at::Tensor> topk_from_mass_cpu(const at::Tensor& mass,
     const int n = std::max(0, std::min(count_ptr[bg], K));
     const float* w = m_ptr + (int64_t)bg * K;
     const int32_t* pos = idx_ptr + (int64_t)bg * K;
-    std::vector<int> order(n);
-    std::iota(order.begin(), order.end(), 0);
     const int keep = std::min<int64_t>(k, n);
-    const auto heavier = [&](int a, int b) {
-      return w[a] > w[b] || (w[a] == w[b] && pos[a] < pos[b]);
-    };
-    // The set of the `keep` heaviest (a strict total order, so the same set as a full sort);
-    // their order does not matter: the output is sorted by position below. O(n) instead of
-    // partial_sort's O(n log keep).
-    if (keep > 0 && keep < n) std::nth_element(order.begin(), order.begin() + (keep - 1), order.end(), heavier);
     int32_t* out = out_ptr + (int64_t)bg * k;
-    for (int i = 0; i < keep; ++i) out[i] = pos[order[i]];
-    std::sort(out, out + keep);
+    // The `keep` heaviest in the strict order (mass descending, then position ascending): every
+    // entry above the keep-th largest mass, then the threshold's ties by position. One O(n)
+    // nth_element over a copy of the masses (contiguous, no index indirection).
+    int taken = 0;
+    if (keep == n) {
+      for (int i = 0; i < n; ++i) out[taken++] = pos[i];
+      std::sort(out, out + keep);
+    } else if (keep > 0) {
+      std::vector<float> masses(w, w + n);
+      std::nth_element(masses.begin(), masses.begin() + (keep - 1), masses.end(),
+                       std::greater<float>());
+      const float threshold = masses[keep - 1];
+      int above = 0;
+      for (int i = 0; i < n; ++i) above += w[i] > threshold;
+      bool ascending = true;
+      for (int i = 1; i < n && ascending; ++i) ascending = pos[i] > pos[i - 1];
+      if (ascending) {  // the usual case (dense positions): one pass, output already in order
+        int ties_left = keep - above;
+        for (int i = 0; i < n; ++i) {
+          if (w[i] > threshold || (w[i] == threshold && ties_left-- > 0)) out[taken++] = pos[i];
+        }
+      } else {
+        std::vector<int32_t> ties;
+        for (int i = 0; i < n; ++i) {
+          if (w[i] > threshold) {
+            out[taken++] = pos[i];
+          } else if (w[i] == threshold) {
+            ties.push_back(pos[i]);
+          }
+        }
+        const int from_ties = keep - taken;
+        std::nth_element(ties.begin(), ties.begin() + (from_ties - 1), ties.end());
+        std::copy(ties.begin(), ties.begin() + from_ties, out + taken);
+        std::sort(out, out + keep);
+      }
+    }
     out_num[bg] = keep;
   }
   return {sel_idx, sel_num};
