@@ -218,7 +218,7 @@ def main() -> int:
     rows = list(args.strategies) + list(variants) + ([] if args.no_stock else ["stock"])
     print(f"\nTPOT ms/token (ratio vs full | vs stock), budget {args.budget}, {args.new_tokens} new tokens")
     width = max(10, *(len(r) + 2 for r in rows))
-    header = "strategy".ljust(width) + "".join(f"{f'{L // 1024}k b{b}':>24}" for L in args.lengths for b in args.batches)
+    header = "strategy".ljust(width) + "".join(f"{f'{L} b{b}':>24}" for L in args.lengths for b in args.batches)
     print(header)
     for name in rows:
         line = name.ljust(width)

@@ -127,15 +127,19 @@ def test_seer_select_matches_reference(threshold, top_k):
     assert int(last[0, -1]) == 2999  # the newest block is always kept
 
 
+@pytest.mark.parametrize("positions", ["random", "ascending"])  # ascending: the dense lists of recycled
 @pytest.mark.parametrize("k", [0, 1, 7, 100, 5000])
-def test_topk_from_mass_matches_reference(k):
+def test_topk_from_mass_matches_reference(k, positions):
     generator = torch.Generator().manual_seed(k)
     B, Hkv, K = 3, 2, 600
     token_idx = torch.stack([torch.stack([torch.randperm(4000, generator=generator)[:K]
                                           for _ in range(Hkv)]) for _ in range(B)]).to(torch.int32)
+    if positions == "ascending":
+        token_idx = token_idx.sort(dim=-1).values
     num_idx = torch.tensor([[600, 0], [50, 599], [1, 300]], dtype=torch.int32)
     mass = torch.rand(B, Hkv, K, generator=generator)
     mass[0, 0, ::3] = 0.5  # ties: the lower position wins
+    mass[1, 1] = (mass[1, 1] * 4).floor()  # four values: the k-th heaviest is tied with many
     sel, num = attn.topk_from_mass(mass, token_idx, num_idx, k)
     ref_sel, ref_num = reference.topk_from_mass(mass, token_idx, num_idx, k)
     assert sel.shape == (B, Hkv, k)
