@@ -12,12 +12,14 @@ ALWAYS_PARALLEL, NEVER_PARALLEL = 0, 1 << 62
 
 @pytest.fixture
 def two_threads():
-    """Earlier tests in the same process (vLLM in-process) may leave torch at one thread."""
+    """Two torch (OpenMP) threads for the test. An in-process vLLM CPU worker from an earlier test
+    binds this process to one thread and replaces torch.set_num_threads with a no-op, so the
+    underlying setter is called."""
     previous = torch.get_num_threads()
-    torch.set_num_threads(2)
+    torch._C.set_num_threads(2)
     assert torch.get_num_threads() == 2
     yield
-    torch.set_num_threads(previous)
+    torch._C.set_num_threads(previous)
 
 
 def run_at_grain(op, args, grain: int):
