@@ -108,10 +108,9 @@ async def cell(base: str, model: str, prompts: list[list[int]], new_tokens: int,
     return steady_decode_tpot(token_times)
 
 
-def run_paired(args, variants, tokenizer, model, attention_for, measure, results) -> None:
+def run_paired(args, variants, tokenizer, model, max_len, attention_for, measure, results) -> None:
     """Both servers up at once; per cell the strategies on attnserve, then full (A) vs stock (B) in
     A B B A rounds; results[full] / results[stock] are the round means."""
-    max_len = max(args.lengths) + args.new_tokens + 16
     ports = {"attnserve": args.port, "stock": args.port + 1}
     procs = {}
     try:
@@ -194,7 +193,7 @@ def main() -> int:
         return asyncio.run(cell(server_base, model, prompts, args.new_tokens, attention))
 
     if args.paired:
-        run_paired(args, variants, tokenizer, model, attention_for, measure, results)
+        run_paired(args, variants, tokenizer, model, max_len, attention_for, measure, results)
     else:
         servers = [("attnserve", True)] + ([] if args.no_stock else [("stock", False)])
         if args.stock_first:
