@@ -50,6 +50,8 @@ TORCH_LIBRARY(attnserve, m) {
 namespace attnserve {
 int64_t parallel_grain();
 int64_t set_parallel_grain(int64_t value);
+const char* cpu_isa_name();
+const char* set_isa_cap(const char* name);
 }  // namespace attnserve
 
 namespace {
@@ -63,7 +65,26 @@ PyObject* set_parallel_grain(PyObject*, PyObject* arg) {
   return PyLong_FromLongLong(previous);
 }
 
+// cpu_isa() -> the ISA level the CPU kernels use now.
+PyObject* cpu_isa(PyObject*, PyObject*) { return PyUnicode_FromString(attnserve::cpu_isa_name()); }
+
+// set_cpu_isa_cap(name) -> previous cap (csrc/cpu/common.h cpu_isa).
+PyObject* set_cpu_isa_cap(PyObject*, PyObject* arg) {
+  const char* name = PyUnicode_AsUTF8(arg);
+  if (name == nullptr) return nullptr;
+  const char* previous = attnserve::set_isa_cap(name);
+  if (previous == nullptr) {
+    PyErr_Format(PyExc_ValueError, "unknown ISA %R: one of 'default', 'avx2', 'avx512', 'avx512bf16'", arg);
+    return nullptr;
+  }
+  return PyUnicode_FromString(previous);
+}
+
 PyMethodDef module_methods[] = {
+    {"cpu_isa", cpu_isa, METH_NOARGS, "cpu_isa() -> the ISA level the CPU kernels use now."},
+    {"set_cpu_isa_cap", set_cpu_isa_cap, METH_O,
+     "set_cpu_isa_cap(name) -> previous cap: the CPU kernels use at most this ISA level ('default', "
+     "'avx2', 'avx512', 'avx512bf16'; the CPU's own level when it is lower)."},
     {"set_parallel_grain", set_parallel_grain, METH_O,
      "set_parallel_grain(n) -> previous: CPU ops whose work (~multiply-adds) is below n run on one "
      "thread; n < 0 returns the current grain unchanged."},

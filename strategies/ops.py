@@ -37,6 +37,27 @@ def set_parallel_grain(grain: int) -> int:
     return strategies._C.set_parallel_grain(int(grain))
 
 
+CPU_ISA_LEVELS = ("default", "avx2", "avx512", "avx512bf16")   # ascending; avx512bf16 = + AVX512_BF16, VBMI2
+
+
+def cpu_isa() -> str:
+    """The instruction-set level the CPU kernels use now: the CPU's own, capped by ATTNSERVE_CPU_ISA or
+    `set_cpu_isa_cap`."""
+    if not extension_loaded():
+        raise RuntimeError(f"the compiled extension is not loaded: {EXTENSION_ERROR}")
+    return strategies._C.cpu_isa()
+
+
+def set_cpu_isa_cap(level: str) -> str:
+    """The CPU kernels use at most `level` (one of CPU_ISA_LEVELS) from now on; returns the previous cap.
+    Process-wide; for tests and comparisons of the kernel variants."""
+    if not extension_loaded():
+        raise RuntimeError(f"the compiled extension is not loaded: {EXTENSION_ERROR}")
+    if level not in CPU_ISA_LEVELS:
+        raise ValueError(f"unknown ISA level {level!r}: one of {', '.join(CPU_ISA_LEVELS)}")
+    return strategies._C.set_cpu_isa_cap(level)
+
+
 def _dispatch_key(device: torch.device | str) -> str:
     device_type = torch.device(device).type
     return {"cpu": "CPU", "cuda": "CUDA", "meta": "Meta"}.get(device_type, device_type.upper())

@@ -209,7 +209,7 @@ class SeerStrategy(Strategy):
         # decode gate keys (projected + gate RoPE), per physical page like the pooled keys; only the blocks
         # touched since a request's last decode step are recomputed (SeerAttention-R's K cache)
         self.projected_upto: dict[str, int] = {}
-        self.gate_keys: dict[tuple, Tensor] = {}                 # (gates key, layer) -> [NB, Hkv, page/pool, Dg]
+        self.gate_keys: dict[tuple, Tensor] = {}                 # (gates key, layer) -> [NB, page/pool, Hkv, Dg]
         self._gates: dict[tuple[str, int, str], SeerGates] = {}  # (file or identity, block, device)
 
     @classmethod
@@ -331,15 +331,23 @@ class SeerStrategy(Strategy):
         pooled = self._pool_new_tokens(layer, key_cache, group)
         cache = self.gate_keys.get((group.gates_key, layer))
         if cache is None or cache.shape[0] != num_blocks or cache.device != key_cache.device:
-            cache = torch.zeros(num_blocks, hkv, slots, gates.gate_dim, dtype=torch.float32, device=key_cache.device)
+            cache = torch.zeros(num_blocks, slots, hkv, gates.gate_dim, dtype=torch.float32, device=key_cache.device)
             self.gate_keys[(group.gates_key, layer)] = cache
         if group.dirty_phys.numel():
             stale = pooled[group.dirty_phys, :, group.dirty_slot]                     # [M, Hkv, 3D]
             fresh = torch.einsum("mhc,hcd->hmd", stale, gates.decode_k[layer])        # [Hkv, M, Dg]
             if gates.rope_theta > 0:
                 fresh = rope(fresh, group.dirty_pos, gates.rope_theta)
-            cache[group.dirty_phys, :, group.dirty_slot] = fresh.transpose(0, 1)
-        return self._blocks_of(cache, group).transpose(1, 2)
+            cache[group.dirty_phys, group.dirty_slot] = fresh.transpose(0, 1)
+        # [num_blocks, slots, Hkv, Dg] gathered by whole pages is [n, NB, Hkv, Dg] without a copy; the op
+        # reads the [n, Hkv, NB, Dg] view by its strides
+        n, nb_max = group.block_phys.shape
+        pages = -(-nb_max // slots)
+        if pages > group.rows.block_table.shape[1]:
+            return cache[group.block_phys, group.block_slot].transpose(1, 2)
+        phys = group.rows.block_table[:, :pages].reshape(-1).long()
+        whole = cache.index_select(0, phys).view(n, pages * slots, hkv, gates.gate_dim)
+        return whole[:, :nb_max].transpose(1, 2)
 
     def select(self, layer: int, q: Tensor, key_cache: Tensor, group: SeerGroup) -> tuple[Tensor, Tensor, Tensor]:
         """Decode selection: (token_idx [n, Hkv, K], num_idx [n, Hkv], probs [n, Hkv, NB])."""
@@ -350,7 +358,7 @@ class SeerStrategy(Strategy):
         q_gate = torch.einsum("bhc,hcd->bhd", q.float().reshape(n, hkv, -1), gates.decode_q[layer])
         if gates.rope_theta > 0:
             q_gate = rope(q_gate, (group.num_blocks - 1)[:, None].expand(-1, hkv), gates.rope_theta)
-        return ops.seer_select(q_gate.contiguous(), k_gate.contiguous(), group.num_blocks, group.pool,
+        return ops.seer_select(q_gate.contiguous(), k_gate, group.num_blocks, group.pool,
                                group.rows.seq_lens, group.threshold, group.top_k)
 
     def prefill_mask(self, layer: int, query: Tensor, key_cache: Tensor, group: SeerGroup,

@@ -22,23 +22,31 @@ namespace attnserve {
 #define ATTNSERVE_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
 #endif
 
-enum class Isa { kDefault, kAvx2, kAvx512 };
+// Ordered: each level includes the ones below it. kAvx512Bf16: AVX-512 with AVX512_BF16 and
+// AVX512_VBMI2 (Zen 4, Sapphire Rapids and later).
+enum class Isa { kDefault, kAvx2, kAvx512, kAvx512Bf16 };
 
 inline Isa detect_isa() {
 #if defined(__x86_64__)
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")) {
-    return Isa::kAvx512;
+    return __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512vbmi2") ? Isa::kAvx512Bf16
+                                                                                         : Isa::kAvx512;
   }
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
 #endif
   return Isa::kDefault;
 }
 
+// The ISA the kernels use: the CPU's, capped by ATTNSERVE_CPU_ISA at load or by set_cpu_isa_cap
+// (parallel.cpp; tests run every level this CPU has).
+Isa isa_cap();
+
 inline Isa cpu_isa() {
-  static const Isa isa = detect_isa();
-  return isa;
+  static const Isa detected = detect_isa();
+  const Isa cap = isa_cap();
+  return cap < detected ? cap : detected;
 }
 
 ATTNSERVE_INLINE float bits_to_float(uint32_t bits) { return __builtin_bit_cast(float, bits); }

@@ -25,7 +25,9 @@ constexpr int kMaxGroup = 32;
 constexpr int kMinPartition = 256;
 
 struct DecodeProblem {
-  const float* query;        // [B, Hq, D] fp32, pre-scaled by `scale`
+  const float* query;        // [B, Hq, D] fp32, pre-scaled by `scale` (nullptr on the bf16-dot path)
+  const uint32_t* query_pairs;  // [B, Hq, D / 2] the bf16 query as (d, d + 1) pairs, unscaled (bf16-dot path)
+  float scale;               // applied to the scores on the bf16-dot path
   CacheView key, value;
   const int32_t* block_table;
   int64_t block_table_stride;
@@ -158,31 +160,143 @@ ATTNSERVE_TARGET_AVX512 void attend_range_avx512(const DecodeProblem& p, int b, 
 #endif
 
 #if defined(__x86_64__)
-// AVX-512 path for vLLM's CPU bf16 layout: K transposed per block (token stride 1), V rows.
-// Scores are vectorised over 16 consecutive tokens of a run (no horizontal sums); P @ V keeps the
-// accumulators of up to kHeads query heads in registers across the tile.
+// AVX-512 paths for vLLM's CPU bf16 layout: K transposed per block (token stride 1), V rows.
+// A tile's tokens are cut into pieces of up to 16 consecutive tokens of one page; scores are
+// vectorised over a piece's tokens (no horizontal sums), four pieces per pass so that the
+// accumulators form independent FMA chains; P @ V keeps up to kValueHeads heads' accumulators in
+// registers across the tile. Two variants: fp32 FMAs (any query dtype), and, where the CPU has
+// AVX512_BF16 and the query is bf16, bf16 dot products (vdpbf16ps: two bf16 products per fp32
+// lane, exact products, fp32 sums) for q.K and for P @ V with P rounded to bf16 as FlashAttention
+// does, half the instructions and no bf16 -> fp32 conversions.
+
+struct Piece {
+  const uint16_t* k;  // K of the piece's first token at head dim 0
+  __mmask16 mask;     // its tokens
+  int r0;             // its first token's column in the tile's scores
+};
+constexpr int kPiecesPerPass = 4;
+
+// Rows and pieces of one tile (tokens [t0, t0 + n) of a work item's index list).
+struct TileRows {
+  const uint16_t* keys[kTile];
+  const uint16_t* values[kTile];
+  Piece pieces[kTile + kPiecesPerPass];
+  int n_pieces;  // a multiple of kPiecesPerPass: the last pass is padded with empty pieces
+};
+
+ATTNSERVE_INLINE void cut_tile(const DecodeProblem& p, const int32_t* idx, const int32_t* table, int g,
+                               int n, TileRows& tile) {
+  const bool pow2 = p.page_shift >= 0;
+  int count = 0, run_start = 0;
+  for (int i = 0; i < n; ++i) {
+    const int pos = idx[i];
+    const int64_t block = table[pow2 ? pos >> p.page_shift : pos / p.page];
+    const int offset = pow2 ? pos & (p.page - 1) : pos % p.page;
+    tile.keys[i] = reinterpret_cast<const uint16_t*>(cache_row<c10::BFloat16>(p.key, block, g, offset));
+    tile.values[i] = reinterpret_cast<const uint16_t*>(cache_row<c10::BFloat16>(p.value, block, g, offset));
+    // a piece ends before a token that does not follow its predecessor in the same page
+    if (i > 0 && (i - run_start == 16 || pos != idx[i - 1] + 1 || tile.keys[i] != tile.keys[i - 1] + 1)) {
+      tile.pieces[count++] = Piece{tile.keys[run_start], static_cast<__mmask16>((1u << (i - run_start)) - 1),
+                                   run_start};
+      run_start = i;
+    }
+  }
+  tile.pieces[count++] = Piece{tile.keys[run_start], static_cast<__mmask16>((1u << (n - run_start)) - 1),
+                               run_start};
+  const int padded = (count + kPiecesPerPass - 1) / kPiecesPerPass * kPiecesPerPass;
+  for (int c = count; c < padded; ++c) tile.pieces[c] = Piece{tile.keys[0], 0, 0};
+  tile.n_pieces = padded;
+}
+
+// exp(x) for x <= 0, 16 lanes: exp_nonpositive (common.h) vectorised.
+ATTNSERVE_TARGET_AVX512 ATTNSERVE_INLINE __m512 exp_nonpositive_avx512(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
+  const __m512 whole = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(t, whole);
+  __m512 poly = _mm512_set1_ps(1.535336188319500e-4f);
+  poly = _mm512_fmadd_ps(poly, f, _mm512_set1_ps(1.339887440266574e-3f));
+  poly = _mm512_fmadd_ps(poly, f, _mm512_set1_ps(9.618437357674640e-3f));
+  poly = _mm512_fmadd_ps(poly, f, _mm512_set1_ps(5.550332471162809e-2f));
+  poly = _mm512_fmadd_ps(poly, f, _mm512_set1_ps(2.402264791363012e-1f));
+  poly = _mm512_fmadd_ps(poly, f, _mm512_set1_ps(6.931472028550421e-1f));
+  poly = _mm512_fmadd_ps(poly, f, _mm512_set1_ps(1.0f));
+  const __m512i exponent =
+      _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(whole), _mm512_set1_epi32(127)), 23);
+  return _mm512_mul_ps(poly, _mm512_castsi512_ps(exponent));
+}
+
+ATTNSERVE_TARGET_AVX512 ATTNSERVE_INLINE __mmask16 lanes_below(int count) {
+  return count >= 16 ? static_cast<__mmask16>(0xFFFF)
+                     : count <= 0 ? static_cast<__mmask16>(0) : static_cast<__mmask16>((1u << count) - 1);
+}
+
+// Online softmax over one tile, per head: scores[h][0, n) * scale -> (logits) -> probabilities
+// e^(s - m) in place, lanes past n zeroed up to the next multiple of 16; m, l and acc rescaled.
+ATTNSERVE_TARGET_AVX512 ATTNSERVE_INLINE void softmax_tile_avx512(float (*scores)[kTile], int n, int G, int D,
+                                                                  float scale, float* logits, int logits_stride,
+                                                                  Partial out) {
+  const __m512 scale_v = _mm512_set1_ps(scale);
+  const int vectors = (n + 15) / 16;
+  for (int h = 0; h < G; ++h) {
+    float* s = scores[h];
+    __m512 v[kTile / 16];
+    __m512 tile_max = _mm512_set1_ps(-INFINITY);
+    for (int c = 0; c < vectors; ++c) {
+      const __mmask16 mask = lanes_below(n - 16 * c);
+      v[c] = _mm512_mask_mul_ps(_mm512_set1_ps(-INFINITY), mask, _mm512_loadu_ps(s + 16 * c), scale_v);
+      if (logits) _mm512_mask_storeu_ps(logits + h * logits_stride + 16 * c, mask, v[c]);
+      tile_max = _mm512_max_ps(tile_max, v[c]);
+    }
+    const float new_max = std::max(out.m[h], _mm512_reduce_max_ps(tile_max));
+    const float rescale = out.m[h] == -INFINITY ? 0.f : exp_nonpositive(out.m[h] - new_max);
+    const __m512 max_v = _mm512_set1_ps(new_max);
+    __m512 sum = _mm512_setzero_ps();
+    for (int c = 0; c < vectors; ++c) {
+      const __m512 e = _mm512_maskz_mov_ps(lanes_below(n - 16 * c), exp_nonpositive_avx512(_mm512_sub_ps(v[c], max_v)));
+      _mm512_storeu_ps(s + 16 * c, e);
+      sum = _mm512_add_ps(sum, e);
+    }
+    out.l[h] = out.l[h] * rescale + _mm512_reduce_add_ps(sum);
+    out.m[h] = new_max;
+    if (rescale != 1.f) {
+      float* acc = out.acc + h * D;
+      for (int d = 0; d < D; d += 16) {
+        _mm512_storeu_ps(acc + d, _mm512_mul_ps(_mm512_loadu_ps(acc + d), _mm512_set1_ps(rescale)));
+      }
+    }
+  }
+}
 
 ATTNSERVE_TARGET_AVX512 ATTNSERVE_INLINE __m512 bf16x16_to_fp32(__m256i raw) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
 }
 
-// scores[h0 + hh][r0 .. r0 + 16) (masked) = q[h0 + hh] . K[token, :] for kH heads.
+// scores[h0 + hh][piece tokens] = q[h0 + hh] . K[token, :] for kH heads and kPiecesPerPass pieces,
+// head dim outermost.
 template <int kD, int kH>
-ATTNSERVE_TARGET_AVX512 ATTNSERVE_INLINE void score_run_avx512(
-    const uint16_t* k_t, int64_t stride_dim, __mmask16 mask, const float* q_heads,
-    float (*scores)[kTile], int h0, int r0) {
-  __m512 acc[kH];
-  for (int hh = 0; hh < kH; ++hh) acc[hh] = _mm512_setzero_ps();
+ATTNSERVE_TARGET_AVX512 ATTNSERVE_INLINE void score_pieces_avx512(
+    const Piece* pieces, int64_t stride_dim, const float* q_heads, float (*scores)[kTile], int h0) {
+  constexpr int kP = kPiecesPerPass;
+  __m512 acc[kP][kH];
+  for (int pc = 0; pc < kP; ++pc)
+    for (int hh = 0; hh < kH; ++hh) acc[pc][hh] = _mm512_setzero_ps();
   for (int d = 0; d < kD; ++d) {
-    const __m512 k = bf16x16_to_fp32(_mm256_maskz_loadu_epi16(mask, k_t + d * stride_dim));
+    __m512 k[kP];
+    for (int pc = 0; pc < kP; ++pc) {
+      k[pc] = bf16x16_to_fp32(_mm256_maskz_loadu_epi16(pieces[pc].mask, pieces[pc].k + d * stride_dim));
+    }
     for (int hh = 0; hh < kH; ++hh) {
-      acc[hh] = _mm512_fmadd_ps(_mm512_set1_ps(q_heads[hh * kD + d]), k, acc[hh]);
+      const __m512 qd = _mm512_set1_ps(q_heads[hh * kD + d]);
+      for (int pc = 0; pc < kP; ++pc) acc[pc][hh] = _mm512_fmadd_ps(qd, k[pc], acc[pc][hh]);
     }
   }
-  for (int hh = 0; hh < kH; ++hh) _mm512_mask_storeu_ps(scores[h0 + hh] + r0, mask, acc[hh]);
+  for (int pc = 0; pc < kP; ++pc)
+    for (int hh = 0; hh < kH; ++hh)
+      _mm512_mask_storeu_ps(scores[h0 + hh] + pieces[pc].r0, pieces[pc].mask, acc[pc][hh]);
 }
 
-// acc[h0 + hh] += sum_i scores[h0 + hh][i] * V[i] for kH heads over the n tokens of the tile.
+// acc[h0 + hh] += sum_i p[h0 + hh][i] * V[i] for kH heads over the n tokens of the tile.
 template <int kD, int kH>
 ATTNSERVE_TARGET_AVX512 ATTNSERVE_INLINE void accumulate_values_avx512(
     const uint16_t* const* values, int n, float (*scores)[kTile], float* acc_rows, int h0) {
@@ -204,114 +318,185 @@ ATTNSERVE_TARGET_AVX512 ATTNSERVE_INLINE void accumulate_values_avx512(
     for (int c = 0; c < kVec; ++c) _mm512_storeu_ps(acc_rows + (h0 + hh) * kD + 16 * c, acc[hh][c]);
 }
 
+// Heads per P @ V pass: kValueHeads * kD / 16 accumulators <= 16 registers.
+template <int kD>
+constexpr int kValueHeads = kD == 64 ? 4 : 2;
+
 template <int kD>
 ATTNSERVE_TARGET_AVX512 void attend_range_bf16_kt_avx512(const DecodeProblem& p, int b, int g,
                                                          int begin, int end, Partial out) {
-  constexpr int kValueHeads = kD == 64 ? 4 : 2;  // kValueHeads * kD / 16 <= 16 accumulators
   const int G = p.G;
   const float* q = p.query + (static_cast<int64_t>(b) * p.Hkv + g) * G * kD;  // [G, kD]
   const int32_t* idx = p.token_idx + (static_cast<int64_t>(b) * p.Hkv + g) * p.K;
   const int32_t* table = p.block_table + b * p.block_table_stride;
   float* logits = p.logits ? p.logits + (static_cast<int64_t>(b) * p.Hkv + g) * G * p.K : nullptr;
   alignas(64) float scores[kMaxGroup][kTile];
-  const uint16_t* keys[kTile];
-  const uint16_t* values[kTile];
-  const int64_t stride_dim = p.key.stride_dim;
-
+  TileRows tile;
   for (int h = 0; h < G; ++h) {
     out.m[h] = -INFINITY;
     out.l[h] = 0.f;
     std::fill(out.acc + h * kD, out.acc + (h + 1) * kD, 0.f);
   }
-  // Rows of tile t0 into keys / values. Where the tile's tokens are runs shorter than a tile
-  // (landmark chunks, scattered tokens), the next tile's K lines (one per head dim per run) and V
-  // rows are prefetched while this one computes: the hardware prefetcher does not follow them.
-  const uint16_t* next_keys[kTile];
-  const uint16_t* next_values[kTile];
-  auto rows_of_tile = [&](int t0, const uint16_t** k_rows, const uint16_t** v_rows) {
-    const int n = std::min(kTile, end - t0);
-    const bool pow2 = p.page_shift >= 0;
-    for (int i = 0; i < n; ++i) {
-      const int pos = idx[t0 + i];
-      const int64_t block = table[pow2 ? pos >> p.page_shift : pos / p.page];
-      const int offset = pow2 ? pos & (p.page - 1) : pos % p.page;
-      k_rows[i] = reinterpret_cast<const uint16_t*>(
-          cache_row<c10::BFloat16>(p.key, block, g, offset));
-      v_rows[i] = reinterpret_cast<const uint16_t*>(
-          cache_row<c10::BFloat16>(p.value, block, g, offset));
-    }
-  };
-  auto prefetch_tile = [&](int t0, const uint16_t* const* k_rows, const uint16_t* const* v_rows) {
-    const int n = std::min(kTile, end - t0);
-    int runs = 1;
-    for (int i = 1; i < n; ++i) runs += k_rows[i] != k_rows[i - 1] + 1;
-    if (runs == 1) return;  // one long run: the hardware prefetcher streams it
-    for (int i = 0; i < n; ++i) {
-      if (i == 0 || k_rows[i] != k_rows[i - 1] + 1) {
-        for (int d = 0; d < kD; ++d) __builtin_prefetch(k_rows[i] + d * stride_dim);
-      }
-      for (int c = 0; c < kD * 2; c += 64) __builtin_prefetch(reinterpret_cast<const char*>(v_rows[i]) + c);
-    }
-  };
-  if (begin < end) rows_of_tile(begin, next_keys, next_values);
   for (int t0 = begin; t0 < end; t0 += kTile) {
     const int n = std::min(kTile, end - t0);
-    std::copy(next_keys, next_keys + n, keys);
-    std::copy(next_values, next_values + n, values);
-    if (t0 + kTile < end) {
-      rows_of_tile(t0 + kTile, next_keys, next_values);
-      prefetch_tile(t0 + kTile, next_keys, next_values);
-    }
-    for (int i = 0; i < n;) {  // runs of consecutive tokens inside one block
-      int j = i + 1;
-      while (j < n && idx[t0 + j] == idx[t0 + j - 1] + 1 && keys[j] == keys[j - 1] + 1) ++j;
-      for (int r0 = i; r0 < j; r0 += 16) {
-        const int len = std::min(16, j - r0);
-        const __mmask16 mask = static_cast<__mmask16>((1u << len) - 1);
-        const uint16_t* k_t = keys[i] + (r0 - i);
-        for (int h0 = 0; h0 < G; h0 += 4) {
-          const float* qh = q + h0 * kD;
-          switch (std::min(4, G - h0)) {
-            case 1: score_run_avx512<kD, 1>(k_t, stride_dim, mask, qh, scores, h0, r0); break;
-            case 2: score_run_avx512<kD, 2>(k_t, stride_dim, mask, qh, scores, h0, r0); break;
-            case 3: score_run_avx512<kD, 3>(k_t, stride_dim, mask, qh, scores, h0, r0); break;
-            default: score_run_avx512<kD, 4>(k_t, stride_dim, mask, qh, scores, h0, r0); break;
-          }
+    cut_tile(p, idx + t0, table, g, n, tile);
+    for (int c = 0; c < tile.n_pieces; c += kPiecesPerPass) {
+      for (int h0 = 0; h0 < G; h0 += 4) {
+        const float* qh = q + h0 * kD;
+        switch (std::min(4, G - h0)) {
+          case 1: score_pieces_avx512<kD, 1>(tile.pieces + c, p.key.stride_dim, qh, scores, h0); break;
+          case 2: score_pieces_avx512<kD, 2>(tile.pieces + c, p.key.stride_dim, qh, scores, h0); break;
+          case 3: score_pieces_avx512<kD, 3>(tile.pieces + c, p.key.stride_dim, qh, scores, h0); break;
+          default: score_pieces_avx512<kD, 4>(tile.pieces + c, p.key.stride_dim, qh, scores, h0); break;
         }
       }
-      i = j;
     }
-    for (int h = 0; h < G; ++h) {  // online softmax, one rescale per tile
-      float* s = scores[h];
-      if (logits) std::copy(s, s + n, logits + h * p.K + t0);
-      float tile_max = -INFINITY;
-#pragma omp simd reduction(max : tile_max)
-      for (int i = 0; i < n; ++i) tile_max = std::max(tile_max, s[i]);
-      const float new_max = std::max(out.m[h], tile_max);
-      const float rescale = out.m[h] == -INFINITY ? 0.f : exp_nonpositive(out.m[h] - new_max);
-      float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-      for (int i = 0; i < n; ++i) {
-        s[i] = exp_nonpositive(s[i] - new_max);
-        sum += s[i];
-      }
-      out.l[h] = out.l[h] * rescale + sum;
-      out.m[h] = new_max;
-      if (rescale != 1.f) {
-        float* acc = out.acc + h * kD;
-#pragma omp simd
-        for (int d = 0; d < kD; ++d) acc[d] *= rescale;
-      }
-    }
-    for (int h0 = 0; h0 < G; h0 += kValueHeads) {
-      switch (std::min(kValueHeads, G - h0)) {
-        case 1: accumulate_values_avx512<kD, 1>(values, n, scores, out.acc, h0); break;
-        case 2: accumulate_values_avx512<kD, 2>(values, n, scores, out.acc, h0); break;
-        case 3: accumulate_values_avx512<kD, kValueHeads >= 3 ? 3 : 2>(values, n, scores, out.acc, h0); break;
-        default: accumulate_values_avx512<kD, kValueHeads>(values, n, scores, out.acc, h0); break;
+    softmax_tile_avx512(scores, n, G, kD, 1.f, logits ? logits + t0 : nullptr, p.K, out);
+    constexpr int kV = kValueHeads<kD>;
+    for (int h0 = 0; h0 < G; h0 += kV) {
+      switch (std::min(kV, G - h0)) {
+        case 1: accumulate_values_avx512<kD, 1>(tile.values, n, scores, out.acc, h0); break;
+        case 2: accumulate_values_avx512<kD, 2>(tile.values, n, scores, out.acc, h0); break;
+        case 3: accumulate_values_avx512<kD, kV >= 3 ? 3 : 2>(tile.values, n, scores, out.acc, h0); break;
+        default: accumulate_values_avx512<kD, kV>(tile.values, n, scores, out.acc, h0); break;
       }
     }
   }
+}
+
+#define ATTNSERVE_TARGET_AVX512_BF16 \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c")))
+
+// The bf16-dot variant. Scores: lane t of a pass register holds (K[d][t], K[d + 1][t]), dotted with
+// the query pair (q[d], q[d + 1]). P @ V: lane j holds (V[i][dim], V[i + 1][dim]) for two tokens,
+// dotted with (p[i], p[i + 1]); the unpack that builds those pairs permutes the head dims within
+// each 32-dim group, so the accumulators run in that order and are put back at the end.
+template <int kD, int kH>
+ATTNSERVE_TARGET_AVX512_BF16 ATTNSERVE_INLINE void score_pieces_dot(
+    const Piece* pieces, int64_t stride_dim, const uint32_t* q_pairs, float (*scores)[kTile], int h0) {
+  constexpr int kP = kPiecesPerPass;
+  // word 2t <- row d token t (first source), word 2t + 1 <- row d + 1 token t (second source)
+  const __m512i interleave = _mm512_set_epi16(
+      47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8,
+      39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+  __m512 acc[kP][kH];
+  for (int pc = 0; pc < kP; ++pc)
+    for (int hh = 0; hh < kH; ++hh) acc[pc][hh] = _mm512_setzero_ps();
+  for (int d = 0; d < kD; d += 2) {
+    __m512i k[kP];
+    for (int pc = 0; pc < kP; ++pc) {
+      const __m256i row0 = _mm256_maskz_loadu_epi16(pieces[pc].mask, pieces[pc].k + d * stride_dim);
+      const __m256i row1 = _mm256_maskz_loadu_epi16(pieces[pc].mask, pieces[pc].k + (d + 1) * stride_dim);
+      k[pc] = _mm512_permutex2var_epi16(_mm512_castsi256_si512(row0), interleave, _mm512_castsi256_si512(row1));
+    }
+    for (int hh = 0; hh < kH; ++hh) {
+      const __m512i qd = _mm512_set1_epi32(static_cast<int>(q_pairs[hh * (kD / 2) + d / 2]));
+      for (int pc = 0; pc < kP; ++pc) {
+        acc[pc][hh] = _mm512_dpbf16_ps(acc[pc][hh], (__m512bh)k[pc], (__m512bh)qd);
+      }
+    }
+  }
+  for (int pc = 0; pc < kP; ++pc)
+    for (int hh = 0; hh < kH; ++hh)
+      _mm512_mask_storeu_ps(scores[h0 + hh] + pieces[pc].r0, pieces[pc].mask, acc[pc][hh]);
+}
+
+// probs[h] (bf16, [kTile]) <- scores[h][0, n) rounded to nearest even, zero past n (P @ V reads pairs).
+ATTNSERVE_TARGET_AVX512_BF16 ATTNSERVE_INLINE void probabilities_to_bf16(float (*scores)[kTile], int n, int G,
+                                                                         uint16_t (*probs)[kTile]) {
+  for (int h = 0; h < G; ++h) {
+    for (int i0 = 0; i0 < n; i0 += 32) {
+      const __m512 lo = _mm512_maskz_loadu_ps(lanes_below(n - i0), scores[h] + i0);
+      const __m512 hi = _mm512_maskz_loadu_ps(lanes_below(n - i0 - 16), scores[h] + i0 + 16);
+      _mm512_storeu_si512(probs[h] + i0, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+    }
+  }
+}
+
+template <int kD, int kH>
+ATTNSERVE_TARGET_AVX512_BF16 ATTNSERVE_INLINE void accumulate_values_dot(
+    const uint16_t* const* values, int n, uint16_t (*probs)[kTile], float* acc_rows, int h0) {
+  constexpr int kVec = kD / 16;
+  __m512 acc[kH][kVec];
+  for (int hh = 0; hh < kH; ++hh)
+    for (int c = 0; c < kVec; ++c) acc[hh][c] = _mm512_loadu_ps(acc_rows + (h0 + hh) * kD + 16 * c);
+  for (int i = 0; i < n; i += 2) {
+    const uint16_t* v0 = values[i];
+    const uint16_t* v1 = i + 1 < n ? values[i + 1] : values[i];  // its probability is 0
+    __m512i pairs[kVec];
+    for (int c = 0; c < kVec / 2; ++c) {
+      const __m512i a = _mm512_loadu_si512(v0 + 32 * c);
+      const __m512i b = _mm512_loadu_si512(v1 + 32 * c);
+      pairs[2 * c] = _mm512_unpacklo_epi16(a, b);
+      pairs[2 * c + 1] = _mm512_unpackhi_epi16(a, b);
+    }
+    for (int hh = 0; hh < kH; ++hh) {
+      uint32_t pair;
+      std::memcpy(&pair, probs[h0 + hh] + i, sizeof(pair));
+      const __m512i w = _mm512_set1_epi32(static_cast<int>(pair));
+      for (int c = 0; c < kVec; ++c) acc[hh][c] = _mm512_dpbf16_ps(acc[hh][c], (__m512bh)pairs[c], (__m512bh)w);
+    }
+  }
+  for (int hh = 0; hh < kH; ++hh)
+    for (int c = 0; c < kVec; ++c) _mm512_storeu_ps(acc_rows + (h0 + hh) * kD + 16 * c, acc[hh][c]);
+}
+
+// Register c lane j of the unpacked P @ V accumulators holds head dim
+// 32 (c / 2) + 8 (j / 4) + 4 (c % 2) + j % 4.
+template <int kD>
+ATTNSERVE_INLINE void unpermute_value_dims(float* acc_rows, int G) {
+  float natural[kD];
+  for (int h = 0; h < G; ++h) {
+    float* row = acc_rows + h * kD;
+    for (int c = 0; c < kD / 16; ++c)
+      for (int j = 0; j < 16; ++j) natural[32 * (c / 2) + 8 * (j / 4) + 4 * (c % 2) + j % 4] = row[16 * c + j];
+    std::copy(natural, natural + kD, row);
+  }
+}
+
+template <int kD>
+ATTNSERVE_TARGET_AVX512_BF16 void attend_range_bf16_kt_dot(const DecodeProblem& p, int b, int g, int begin,
+                                                           int end, Partial out) {
+  const int G = p.G;
+  const uint32_t* q_pairs = p.query_pairs + (static_cast<int64_t>(b) * p.Hkv + g) * G * (kD / 2);
+  const int32_t* idx = p.token_idx + (static_cast<int64_t>(b) * p.Hkv + g) * p.K;
+  const int32_t* table = p.block_table + b * p.block_table_stride;
+  float* logits = p.logits ? p.logits + (static_cast<int64_t>(b) * p.Hkv + g) * G * p.K : nullptr;
+  alignas(64) float scores[kMaxGroup][kTile];
+  alignas(64) uint16_t probs[kMaxGroup][kTile];
+  TileRows tile;
+  for (int h = 0; h < G; ++h) {
+    out.m[h] = -INFINITY;
+    out.l[h] = 0.f;
+    std::fill(out.acc + h * kD, out.acc + (h + 1) * kD, 0.f);
+  }
+  for (int t0 = begin; t0 < end; t0 += kTile) {
+    const int n = std::min(kTile, end - t0);
+    cut_tile(p, idx + t0, table, g, n, tile);
+    for (int c = 0; c < tile.n_pieces; c += kPiecesPerPass) {
+      for (int h0 = 0; h0 < G; h0 += 4) {
+        const uint32_t* qh = q_pairs + h0 * (kD / 2);
+        switch (std::min(4, G - h0)) {
+          case 1: score_pieces_dot<kD, 1>(tile.pieces + c, p.key.stride_dim, qh, scores, h0); break;
+          case 2: score_pieces_dot<kD, 2>(tile.pieces + c, p.key.stride_dim, qh, scores, h0); break;
+          case 3: score_pieces_dot<kD, 3>(tile.pieces + c, p.key.stride_dim, qh, scores, h0); break;
+          default: score_pieces_dot<kD, 4>(tile.pieces + c, p.key.stride_dim, qh, scores, h0); break;
+        }
+      }
+    }
+    softmax_tile_avx512(scores, n, G, kD, p.scale, logits ? logits + t0 : nullptr, p.K, out);
+    probabilities_to_bf16(scores, n, G, probs);
+    constexpr int kV = kValueHeads<kD>;
+    for (int h0 = 0; h0 < G; h0 += kV) {
+      switch (std::min(kV, G - h0)) {
+        case 1: accumulate_values_dot<kD, 1>(tile.values, n, probs, out.acc, h0); break;
+        case 2: accumulate_values_dot<kD, 2>(tile.values, n, probs, out.acc, h0); break;
+        case 3: accumulate_values_dot<kD, kV >= 3 ? 3 : 2>(tile.values, n, probs, out.acc, h0); break;
+        default: accumulate_values_dot<kD, kV>(tile.values, n, probs, out.acc, h0); break;
+      }
+    }
+  }
+  unpermute_value_dims<kD>(out.acc, G);
 }
 #endif
 
@@ -319,6 +504,7 @@ template <typename scalar_t, int kD>
 AttendRangeFn pick_isa() {
 #if defined(__x86_64__)
   switch (cpu_isa()) {
+    case Isa::kAvx512Bf16:
     case Isa::kAvx512: return attend_range_avx512<scalar_t, kD>;
     case Isa::kAvx2: return attend_range_avx2<scalar_t, kD>;
     default: break;
@@ -328,11 +514,13 @@ AttendRangeFn pick_isa() {
 }
 
 template <typename scalar_t>
-AttendRangeFn pick_kernel(int D, const at::Tensor& key_cache, const at::Tensor& value_cache) {
+AttendRangeFn pick_kernel(int D, const at::Tensor& key_cache, const at::Tensor& value_cache, bool dot) {
 #if defined(__x86_64__)
-  // vLLM's CPU layout (bf16, K token-contiguous, V rows): the hand-vectorised path
-  if (std::is_same_v<scalar_t, c10::BFloat16> && cpu_isa() == Isa::kAvx512 &&
+  // vLLM's CPU layout (bf16, K token-contiguous, V rows): the hand-vectorised paths
+  if (std::is_same_v<scalar_t, c10::BFloat16> && cpu_isa() >= Isa::kAvx512 &&
       key_cache.stride(2) == 1 && value_cache.stride(3) == 1) {
+    if (dot && D == 64) return attend_range_bf16_kt_dot<64>;
+    if (dot && D == 128) return attend_range_bf16_kt_dot<128>;
     if (D == 64) return attend_range_bf16_kt_avx512<64>;
     if (D == 128) return attend_range_bf16_kt_avx512<128>;
   }
@@ -365,6 +553,7 @@ ATTNSERVE_TARGET_AVX2 void add_probabilities_avx2(const float* logits, int n, fl
 void add_probabilities(const float* logits, int n, float max, float inv_sum, float* mass) {
 #if defined(__x86_64__)
   switch (cpu_isa()) {
+    case Isa::kAvx512Bf16:
     case Isa::kAvx512: return add_probabilities_avx512(logits, n, max, inv_sum, mass);
     case Isa::kAvx2: return add_probabilities_avx2(logits, n, max, inv_sum, mass);
     default: break;
@@ -398,11 +587,16 @@ std::tuple<at::Tensor, at::Tensor> sparse_paged_attention_cpu(
   TORCH_CHECK(token_idx.size(0) == B && token_idx.size(1) == Hkv, "token_idx must be [B, Hkv, K]");
   const int G = Hq / Hkv, K = token_idx.size(2);
 
-  const at::Tensor q = (query.to(at::kFloat) * scale).contiguous();
+  // bf16 query, bf16 cache in vLLM's CPU layout, AVX512_BF16: bf16 dot products on the raw query
+  const bool dot = query.scalar_type() == at::kBFloat16 && key_cache.scalar_type() == at::kBFloat16 &&
+                   cpu_isa() >= Isa::kAvx512Bf16 && key_cache.stride(2) == 1 &&
+                   value_cache.stride(3) == 1 && (D == 64 || D == 128);
+  const at::TensorOptions fp32 = query.options().dtype(at::kFloat);
+  const at::Tensor q = dot ? query.contiguous() : (query.to(at::kFloat) * scale).contiguous();
   const at::Tensor idx = token_idx.contiguous();
   const at::Tensor counts = num_idx.contiguous();
   const at::Tensor table = block_table.stride(1) == 1 ? block_table : block_table.contiguous();
-  at::Tensor logits = want_mass ? at::empty({B, Hkv, G, K}, q.options()) : at::Tensor();
+  at::Tensor logits = want_mass ? at::empty({B, Hkv, G, K}, fp32) : at::Tensor();
 
   // Partition so that batch 1 still gives every thread work.
   const int32_t* count_ptr = counts.data_ptr<int32_t>();
@@ -428,13 +622,15 @@ std::tuple<at::Tensor, at::Tensor> sparse_paged_attention_cpu(
   const int64_t partial_stride = static_cast<int64_t>(G) * (D + 2);
   std::vector<float> partials(std::max<size_t>(1, items.size() * partial_stride));
 
-  DecodeProblem problem{q.data_ptr<float>(), make_view(key_cache), make_view(value_cache),
+  DecodeProblem problem{dot ? nullptr : q.data_ptr<float>(),
+                        dot ? static_cast<const uint32_t*>(q.data_ptr()) : nullptr, static_cast<float>(scale),
+                        make_view(key_cache), make_view(value_cache),
                         table.data_ptr<int32_t>(), table.stride(0), idx.data_ptr<int32_t>(),
                         Hkv, G, D, K, page, (page & (page - 1)) == 0 ? __builtin_ctz(page) : -1,
                         want_mass ? logits.data_ptr<float>() : nullptr};
   const AttendRangeFn attend = key_cache.scalar_type() == at::kBFloat16
-                                   ? pick_kernel<c10::BFloat16>(D, key_cache, value_cache)
-                                   : pick_kernel<float>(D, key_cache, value_cache);
+                                   ? pick_kernel<c10::BFloat16>(D, key_cache, value_cache, dot)
+                                   : pick_kernel<float>(D, key_cache, value_cache, false);
   auto partial_of = [&](int item) {
     float* base = partials.data() + item * partial_stride;
     return Partial{base, base + G, base + 2 * G};
@@ -448,9 +644,9 @@ std::tuple<at::Tensor, at::Tensor> sparse_paged_attention_cpu(
   }
 
   // Merge partitions: out_h = sum_p e^(m_p - M) acc_p / sum_p e^(m_p - M) l_p.
-  at::Tensor out = at::empty({B, Hq, D}, q.options());
-  at::Tensor mass = want_mass ? at::zeros({B, Hkv, K}, q.options())
-                              : at::empty({0}, q.options());
+  at::Tensor out = at::empty({B, Hq, D}, fp32);
+  at::Tensor mass = want_mass ? at::zeros({B, Hkv, K}, fp32)
+                              : at::empty({0}, fp32);
   float* out_ptr = out.data_ptr<float>();
   float* mass_ptr = want_mass ? mass.data_ptr<float>() : nullptr;
   float* logit_ptr = problem.logits;

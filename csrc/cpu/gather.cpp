@@ -7,6 +7,10 @@
 // selected tokens of one source page are copied together, row d = 0..D-1 of the page read
 // sequentially and scattered into the destination rows. Dim-contiguous source and destination
 // (V, and K on the other layout): one row memcpy per token.
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
 #include <cstring>
 #include <numeric>
@@ -42,6 +46,71 @@ struct GatherProblem {
 ATTNSERVE_INLINE int count_of(const GatherProblem& p, int64_t bg) {
   return std::max(0, std::min<int>(p.counts[bg], p.K));
 }
+
+#if defined(__x86_64__)
+#define ATTNSERVE_TARGET_AVX512_VBMI2 \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vbmi2,avx2,fma,f16c")))
+
+// Row d of one source page, the tokens of `mask` (page / 32 words) packed in order -> dst[0, count).
+ATTNSERVE_TARGET_AVX512_VBMI2 ATTNSERVE_INLINE void compress_row(const uint16_t* src, const uint32_t* mask,
+                                                                 int words, uint16_t* dst) {
+  int written = 0;
+  for (int w = 0; w < words; ++w) {
+    if (mask[w] == 0) continue;
+    const __m512i packed = _mm512_maskz_compress_epi16(mask[w], _mm512_loadu_si512(src + 32 * w));
+    const int count = __builtin_popcount(mask[w]);
+    const __mmask32 lanes = count == 32 ? ~__mmask32{0} : (__mmask32{1} << count) - 1;
+    _mm512_mask_storeu_epi16(dst + written, lanes, packed);
+    written += count;
+  }
+}
+
+// Token-contiguous bf16 source and destination (vLLM's CPU K into recycled's pool K): the listed
+// tokens of one source page, when they ascend within the page and go to consecutive destination
+// slots, are packed per head-dim row with vpcompressw. Returns false (nothing copied) when the list
+// is not of that shape.
+ATTNSERVE_TARGET_AVX512_VBMI2 bool copy_compressed_runs(const GatherProblem& p, const Pages& src,
+                                                        const Pages& dst, int b, int g, const int32_t* tokens,
+                                                        const int* order, int n, int start) {
+  for (int j = 1; j < n; ++j) {
+    if (order[j] != order[j - 1] + 1 || tokens[order[j]] <= tokens[order[j - 1]]) return false;
+  }
+  const int32_t* table = p.table + b * p.max_blocks;
+  const int32_t* dst_table = p.dst_table + b * p.max_dst_blocks;
+  const uint16_t* src_base = reinterpret_cast<const uint16_t*>(src.base) + g * src.stride_head;
+  uint16_t* dst_base = reinterpret_cast<uint16_t*>(dst.base) + g * dst.stride_head;
+  const int words = p.page / 32;
+  uint32_t mask[64];
+  if (words > 64) return false;
+  // segments: tokens of one source page going to one destination page
+  for (int j0 = 0; j0 < n;) {
+    const int first = tokens[order[j0]];
+    const int page_index = first / p.page;
+    const int slot0 = start + order[j0];
+    const int dst_page_end = (slot0 / p.dst_page + 1) * p.dst_page;
+    int j1 = j0;
+    std::fill(mask, mask + words, 0u);
+    for (; j1 < n && tokens[order[j1]] / p.page == page_index && start + order[j1] < dst_page_end; ++j1) {
+      const int offset = tokens[order[j1]] % p.page;
+      mask[offset / 32] |= 1u << (offset % 32);
+    }
+    const uint16_t* page_base = src_base + table[page_index] * src.stride_block;
+    uint16_t* out = dst_base + dst_table[slot0 / p.dst_page] * dst.stride_block + slot0 % p.dst_page;
+    // the next segment's source page, row by row while this one is packed (pages are scattered)
+    const uint16_t* next_page =
+        j1 < n && tokens[order[j1]] / p.page != page_index
+            ? src_base + table[tokens[order[j1]] / p.page] * src.stride_block : nullptr;
+    for (int d = 0; d < p.D; ++d) {
+      if (next_page != nullptr) {
+        for (int w = 0; w < words; ++w) _mm_prefetch(reinterpret_cast<const char*>(next_page + d * src.stride_dim + 32 * w), _MM_HINT_T0);
+      }
+      compress_row(page_base + d * src.stride_dim, mask, words, out + d * dst.stride_dim);
+    }
+    j0 = j1;
+  }
+  return true;
+}
+#endif
 
 // Copies the n tokens tokens[order[j]] (j < n) of KV head g of sequence b from src to dst;
 // token tokens[i] goes to destination slot start + i. E: the element's bits (uint32 / uint16).
@@ -79,6 +148,14 @@ void copy_tokens(const GatherProblem& p, const Pages& src, const Pages& dst, int
     return;
   }
   // Token-contiguous source: the run of listed tokens in one source page at a time.
+#if defined(__x86_64__)
+  if constexpr (sizeof(E) == 2) {
+    if (dst.stride_token == 1 && p.page % 32 == 0 && cpu_isa() >= Isa::kAvx512Bf16 &&
+        copy_compressed_runs(p, src, dst, b, g, tokens, order, n, start)) {
+      return;
+    }
+  }
+#endif
   dst_rows.resize(n);
   offsets.resize(n);
   for (int j0 = 0; j0 < n;) {

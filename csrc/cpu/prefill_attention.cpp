@@ -241,6 +241,7 @@ template <typename scalar_t, int kD>
 PrefillTileFn pick_isa() {
 #if defined(__x86_64__)
   switch (cpu_isa()) {
+    case Isa::kAvx512Bf16:
     case Isa::kAvx512: return prefill_tile_avx512<scalar_t, kD>;
     case Isa::kAvx2: return prefill_tile_avx2<scalar_t, kD>;
     default: break;

@@ -1,9 +1,13 @@
 // Block summaries and token selection on CPU: landmark (Quest min/max bound), seer (pooled keys,
 // block gate) and top-k by attention mass. Parallel over (sequence, KV head) or over chunks.
 #include <omp.h>
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <functional>
+#include <type_traits>
 #include <numeric>
 #include <vector>
 
@@ -128,24 +132,26 @@ ATTNSERVE_INLINE float summary_value(const c10::BFloat16* p, int d) {
   return bits_to_float(static_cast<uint32_t>(reinterpret_cast<const uint16_t*>(p)[d]) << 16);
 }
 
+// Page by page (one block-table lookup per page, its chunks' summaries contiguous).
 template <typename summary_t, int kD>
 ATTNSERVE_INLINE void landmark_scores_body(const LandmarkScoring& s, const float* pos,
                                            const float* neg, int n_chunks, float* scores) {
   const int D = kD > 0 ? kD : s.D;
   const summary_t* kmin = static_cast<const summary_t*>(s.kmin);
   const summary_t* kmax = static_cast<const summary_t*>(s.kmax);
-  for (int c = 0; c < n_chunks; ++c) {
-    const int64_t block = s.table_row[(int64_t)c * s.chunk / s.page];
-    const int64_t offset =
-        ((block * s.Hkv + s.g) * s.slots + (c * s.chunk % s.page) / s.chunk) * D;
-    const summary_t* lo = kmin + offset;
-    const summary_t* hi = kmax + offset;
-    float score = 0.f;
+  for (int c0 = 0; c0 < n_chunks; c0 += s.slots) {
+    const int64_t block = s.table_row[c0 / s.slots];
+    const int64_t offset = (block * s.Hkv + s.g) * s.slots * D;
+    for (int slot = 0; slot < std::min(s.slots, n_chunks - c0); ++slot) {
+      const summary_t* lo = kmin + offset + slot * D;
+      const summary_t* hi = kmax + offset + slot * D;
+      float score = 0.f;
 #pragma omp simd reduction(+ : score)
-    for (int d = 0; d < D; ++d) {
-      score += summary_value(hi, d) * pos[d] + summary_value(lo, d) * neg[d];
+      for (int d = 0; d < D; ++d) {
+        score += summary_value(hi, d) * pos[d] + summary_value(lo, d) * neg[d];
+      }
+      scores[c0 + slot] = score;
     }
-    scores[c] = score;
   }
 }
 
@@ -172,10 +178,59 @@ ATTNSERVE_TARGET_AVX512 void landmark_scores_avx512(const LandmarkScoring& s, co
 }
 #endif
 
+#if defined(__x86_64__)
+ATTNSERVE_TARGET_AVX512 ATTNSERVE_INLINE __m512 widen_bf16x16(const uint16_t* x) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(
+      _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x))), 16));
+}
+
+// bf16 summaries, kD a multiple of 16: 16 dims per step, one horizontal sum per chunk.
+template <int kD>
+ATTNSERVE_TARGET_AVX512 void landmark_scores_bf16_avx512(const LandmarkScoring& s, const float* pos,
+                                                         const float* neg, int n_chunks, float* scores) {
+  const uint16_t* kmin = static_cast<const uint16_t*>(s.kmin);
+  const uint16_t* kmax = static_cast<const uint16_t*>(s.kmax);
+  __m512 p[kD / 16], q[kD / 16];
+  for (int c = 0; c < kD / 16; ++c) {
+    p[c] = _mm512_loadu_ps(pos + 16 * c);
+    q[c] = _mm512_loadu_ps(neg + 16 * c);
+  }
+  const int64_t page_elements = static_cast<int64_t>(s.slots) * kD;
+  for (int c0 = 0; c0 < n_chunks; c0 += s.slots) {
+    const int64_t offset = (s.table_row[c0 / s.slots] * s.Hkv + s.g) * page_elements;
+    const int count = std::min(s.slots, n_chunks - c0);
+    if (c0 + s.slots < n_chunks) {  // the next page's summaries: scattered blocks defeat the prefetcher
+      const int64_t next = (s.table_row[c0 / s.slots + 1] * s.Hkv + s.g) * page_elements;
+      for (int64_t e = 0; e < page_elements; e += 32) {
+        _mm_prefetch(reinterpret_cast<const char*>(kmin + next + e), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(kmax + next + e), _MM_HINT_T0);
+      }
+    }
+    for (int slot = 0; slot < count; ++slot) {
+      const uint16_t* lo = kmin + offset + slot * kD;
+      const uint16_t* hi = kmax + offset + slot * kD;
+      __m512 acc = _mm512_mul_ps(widen_bf16x16(hi), p[0]);
+      acc = _mm512_fmadd_ps(widen_bf16x16(lo), q[0], acc);
+      for (int c = 1; c < kD / 16; ++c) {
+        acc = _mm512_fmadd_ps(widen_bf16x16(hi + 16 * c), p[c], acc);
+        acc = _mm512_fmadd_ps(widen_bf16x16(lo + 16 * c), q[c], acc);
+      }
+      scores[c0 + slot] = _mm512_reduce_add_ps(acc);
+    }
+  }
+}
+#endif
+
 template <typename summary_t, int kD>
 LandmarkScoresFn pick_landmark_scores_isa() {
 #if defined(__x86_64__)
+  if constexpr (std::is_same_v<summary_t, c10::BFloat16> && kD > 0 && kD % 16 == 0) {
+    if (cpu_isa() >= Isa::kAvx512) return landmark_scores_bf16_avx512<kD>;
+  }
+#endif
+#if defined(__x86_64__)
   switch (cpu_isa()) {
+    case Isa::kAvx512Bf16:
     case Isa::kAvx512: return landmark_scores_avx512<summary_t, kD>;
     case Isa::kAvx2: return landmark_scores_avx2<summary_t, kD>;
     default: break;
@@ -320,7 +375,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> seer_select_cpu(
   TORCH_CHECK(q_gate.dim() == 3 && k_gate.dim() == 4, "q_gate [B, Hkv, Dg], k_gate [B, Hkv, NB, Dg]");
   const int B = k_gate.size(0), Hkv = k_gate.size(1), NB = k_gate.size(2), Dg = k_gate.size(3);
   const int K = top_k <= 0 ? NB * pool : std::min<int64_t>(top_k + 1, NB) * pool;
-  const at::Tensor q = q_gate.to(at::kFloat).contiguous(), k = k_gate.to(at::kFloat).contiguous();
+  // k_gate may be a strided view (seer's per-block cache gathered by pages): only Dg contiguous
+  const at::Tensor q = q_gate.to(at::kFloat).contiguous();
+  const at::Tensor k = k_gate.scalar_type() == at::kFloat && k_gate.stride(3) == 1 ? k_gate
+                                                                                : k_gate.to(at::kFloat).contiguous();
+  const int64_t k_stride_b = k.stride(0), k_stride_h = k.stride(1), k_stride_j = k.stride(2);
   const at::Tensor counts = num_blocks.contiguous(), lens = seq_lens.contiguous();
   const auto index_options = num_blocks.options();
   at::Tensor token_idx = at::zeros({B, Hkv, K}, index_options);
@@ -344,7 +403,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> seer_select_cpu(
     std::vector<float> p(nb);
     float max_logit = -INFINITY;
     for (int j = 0; j < nb; ++j) {
-      const float* kv = k_ptr + ((int64_t)bg * NB + j) * Dg;
+      const float* kv = k_ptr + b * k_stride_b + (bg % Hkv) * k_stride_h + j * k_stride_j;
       float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
       for (int d = 0; d < Dg; ++d) dot += qv[d] * kv[d];

@@ -50,6 +50,30 @@ def make_paged_kv(seq_lens: list[int], num_kv_heads: int, head_size: int, page: 
     return PagedKV(key_cache, value_cache, table, torch.tensor(seq_lens, dtype=torch.int32), page)
 
 
+def run_indices(seq_lens: list[int], num_kv_heads: int, budget: int, run: int, shuffle_runs: bool,
+                seed: int = 0):
+    """Per (b, g): runs of up to `run` consecutive positions (anywhere, so they cross pages), distinct,
+    up to `budget` positions: landmark's chunks, sink's window, recycled's buffer."""
+    generator = torch.Generator().manual_seed(seed)
+    K = max(1, min(budget, max(seq_lens)))
+    token_idx = torch.zeros(len(seq_lens), num_kv_heads, K, dtype=torch.int32)
+    num_idx = torch.zeros(len(seq_lens), num_kv_heads, dtype=torch.int32)
+    for b, n in enumerate(seq_lens):
+        for g in range(num_kv_heads):
+            starts = torch.randperm(n, generator=generator)[: max(1, budget // run)].sort().values.tolist()
+            chosen: list[int] = []
+            for start in starts:
+                chosen.extend(t for t in range(start, min(n, start + run)) if not chosen or t > chosen[-1])
+            chosen = chosen[:min(budget, n)]
+            if shuffle_runs:    # the runs in random order, each run still ascending
+                pieces = [chosen[i:i + run] for i in range(0, len(chosen), run)]
+                order = torch.randperm(len(pieces), generator=generator).tolist()
+                chosen = [t for i in order for t in pieces[i]]
+            token_idx[b, g, :len(chosen)] = torch.tensor(chosen, dtype=torch.int32)
+            num_idx[b, g] = len(chosen)
+    return token_idx, num_idx
+
+
 def random_indices(seq_lens: list[int], num_kv_heads: int, budget: int, seed: int = 0):
     """Per (b, g): min(budget, seq_len) distinct positions in random order -> (token_idx, num_idx)."""
     generator = torch.Generator().manual_seed(seed)
@@ -62,6 +86,27 @@ def random_indices(seq_lens: list[int], num_kv_heads: int, budget: int, seed: in
             token_idx[b, g, :count] = torch.randperm(n, generator=generator)[:count].to(torch.int32)
             num_idx[b, g] = count
     return token_idx, num_idx
+
+
+def cpu_isa_levels() -> tuple[str, ...]:
+    """The ISA levels of the CPU kernels this CPU can run (each level includes the ones below)."""
+    previous = ops.set_cpu_isa_cap(ops.CPU_ISA_LEVELS[-1])
+    try:
+        top = ops.cpu_isa()
+    finally:
+        ops.set_cpu_isa_cap(previous)
+    return ops.CPU_ISA_LEVELS[:ops.CPU_ISA_LEVELS.index(top) + 1]
+
+
+@pytest.fixture(params=ops.CPU_ISA_LEVELS)
+def cpu_isa(request):
+    """Runs the test with the CPU kernels capped at each ISA level (every compiled variant)."""
+    if request.param not in cpu_isa_levels():
+        pytest.skip(f"this CPU cannot run the {request.param} kernels")
+    previous = ops.set_cpu_isa_cap(request.param)
+    assert ops.cpu_isa() == request.param
+    yield request.param
+    ops.set_cpu_isa_cap(previous)
 
 
 @pytest.fixture(scope="session", autouse=True)

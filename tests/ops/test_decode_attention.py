@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from strategies import reference
-from tests.ops.conftest import TOLERANCE, make_paged_kv, random_indices
+from tests.ops.conftest import TOLERANCE, make_paged_kv, random_indices, run_indices
 
 SEQ_LENS = [1, 17, 300, 2500]
 
@@ -22,7 +22,7 @@ def compiled(*args):
         (torch.float32, torch.bfloat16), (64, 128), (1, 3, 8), (16, 128))
     for layout in (("vllm", "rows") if (head_size, group) == (64, 3) else ("vllm",))])
 @pytest.mark.parametrize("budget", [64, 4096])
-def test_matches_reference(dtype, head_size, group, page, layout, budget):
+def test_matches_reference(dtype, head_size, group, page, layout, budget, cpu_isa):
     num_kv_heads = 2
     kv = make_paged_kv(SEQ_LENS, num_kv_heads, head_size, page, dtype, layout=layout)
     token_idx, num_idx = random_indices(SEQ_LENS, num_kv_heads, budget, seed=budget)
@@ -35,6 +35,23 @@ def test_matches_reference(dtype, head_size, group, page, layout, budget):
     torch.testing.assert_close(out.float(), ref_out.float(), **TOLERANCE[dtype])
     torch.testing.assert_close(mass, ref_mass, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(mass.sum(-1), torch.full_like(mass.sum(-1), group), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("run,shuffle_runs", [(16, False), (16, True), (5, False), (37, True), (300, False)])
+@pytest.mark.parametrize("head_size,group", [(64, 3), (128, 8), (64, 5)])
+def test_runs_of_consecutive_tokens_match_reference(dtype, run, shuffle_runs, head_size, group, cpu_isa):
+    """Index lists made of runs (the kernels cut tiles into pieces of consecutive tokens of one page),
+    with the query in the cache dtype (bf16: the bf16-dot variant where the CPU has it)."""
+    seq_lens, num_kv_heads = [1, 130, 700, 2100], 2
+    kv = make_paged_kv(seq_lens, num_kv_heads, head_size, 128, dtype, seed=run)
+    token_idx, num_idx = run_indices(seq_lens, num_kv_heads, 600, run, shuffle_runs, seed=run + 1)
+    query = (3 * torch.randn(len(seq_lens), num_kv_heads * group, head_size)).to(dtype)
+    args = (query, kv.key_cache, kv.value_cache, kv.block_table, token_idx, num_idx, head_size ** -0.5, True)
+    out, mass = compiled(*args)
+    ref_out, ref_mass = reference.sparse_paged_attention(*args)
+    torch.testing.assert_close(out.float(), ref_out.float(), **TOLERANCE[dtype])
+    torch.testing.assert_close(mass, ref_mass, atol=1e-5, rtol=1e-4)
 
 
 def test_without_mass_and_empty_rows():

@@ -86,7 +86,7 @@ def run_both(kv, token_idx, num_idx, dst_table, dst_start, num_dst_blocks, dst_p
     ([260], 4, 80, 128, 8, 256),
 ])
 @pytest.mark.parametrize("ordered", [True, False])
-def test_gather_kv_matches_reference(dtype, src_layout, dst_layout, seq_lens, num_kv_heads,
+def test_gather_kv_matches_reference(cpu_isa, dtype, src_layout, dst_layout, seq_lens, num_kv_heads,
                                      head_size, page, dst_page, budget, ordered):
     kv = make_paged_kv(seq_lens, num_kv_heads, head_size, page, dtype, layout=src_layout)
     token_idx, num_idx, dst_table, dst_start, num_dst = make_selection(

@@ -51,7 +51,7 @@ def assert_same_selection(tokens, count, ref_tokens, ref_count):
     (torch.float32, 3, 128, 64)])
 @pytest.mark.parametrize("k_chunks", [0, 3, 40, 1000])
 @pytest.mark.parametrize("summary_dtype", [torch.float32, torch.bfloat16])
-def test_landmark_select_matches_reference(dtype, group, page, chunk, k_chunks, summary_dtype):
+def test_landmark_select_matches_reference(dtype, group, page, chunk, k_chunks, summary_dtype, cpu_isa):
     num_kv_heads = 2
     kv = make_paged_kv(SEQ_LENS, num_kv_heads, 64, page, dtype, seed=k_chunks)
     kmin = fresh_summaries(kv, chunk, dtype=summary_dtype)
