@@ -11,10 +11,9 @@ request's first token to the first request's last token), the median over reques
 tokens in it. Seer uses the gates the server finds for the model (shipped for the embedded one).
 Prints one table with ratios; no assertion.
 
-With ``--paired`` both servers run at once (the idle one waits on its socket) and ``full`` through
-attnserve is measured against stock vLLM in ``--rounds`` rounds of the order A B B A per cell, so that
-drift and order effects of this shared machine fall on both alike; ``full`` and ``stock`` are then the
-means over the rounds.
+With ``--paired`` both servers run at once (the idle one waits on its socket) and every row of a cell
+is measured in ``--rounds`` palindromes (full, stock, sparse..., then the reverse), so that drift and
+order effects of this shared machine fall on all rows alike; each row is the mean of its runs.
 """
 
 from __future__ import annotations
@@ -109,8 +108,9 @@ async def cell(base: str, model: str, prompts: list[list[int]], new_tokens: int,
 
 
 def run_paired(args, variants, tokenizer, model, max_len, attention_for, measure, results) -> None:
-    """Both servers up at once; per cell the strategies on attnserve, then full (A) vs stock (B) in
-    A B B A rounds; results[full] / results[stock] are the round means."""
+    """Both servers up at once; per cell, ``--rounds`` palindromes full, stock, the sparse strategies,
+    then the same in reverse (each measured twice per round, symmetrically in time, so that a linear
+    drift of this shared machine falls on all alike); results are the means over all runs."""
     ports = {"attnserve": args.port, "stock": args.port + 1}
     procs = {}
     try:
@@ -121,26 +121,24 @@ def run_paired(args, variants, tokenizer, model, max_len, attention_for, measure
         for server_name, (proc, log) in procs.items():
             wait_healthy(f"http://127.0.0.1:{ports[server_name]}", proc, timeout_s=900, log_path=log)
         attnserve, stock = (f"http://127.0.0.1:{ports[name]}" for name in ("attnserve", "stock"))
+        names = ["full", "stock"] + [n for n in args.strategies + list(variants) if n != "full"]
         for length in args.lengths:
             for batch in args.batches:
                 prompts = [prompt_ids(tokenizer, length, 311 * i) for i in range(batch)]
                 # warm both servers' prefix caches and allocators for this cell
                 measure(attnserve, prompts, attention_for("full", length))
                 measure(stock, prompts, None)
-                for name in [n for n in args.strategies + list(variants) if n != "full"]:
-                    results[(name, length, batch)] = measure(attnserve, prompts, attention_for(name, length))
-                    print(f"{(name, length, batch)}: {results[(name, length, batch)] * 1000:.1f} ms/token",
-                          flush=True)
-                rounds = {"full": [], "stock": []}
+                runs: dict[str, list[float]] = {name: [] for name in names}
                 for _ in range(args.rounds):
-                    for name in ("full", "stock", "stock", "full"):
-                        server = attnserve if name == "full" else stock
-                        attention = attention_for("full", length) if name == "full" else None
-                        rounds[name].append(measure(server, prompts, attention))
-                for name, times in rounds.items():
+                    for name in names + names[::-1]:
+                        if name == "stock":
+                            runs[name].append(measure(stock, prompts, None))
+                        else:
+                            runs[name].append(measure(attnserve, prompts, attention_for(name, length)))
+                for name, times in runs.items():
                     results[(name, length, batch)] = statistics.mean(times)
                     print(f"{(name, length, batch)}: {results[(name, length, batch)] * 1000:.1f} ms/token "
-                          f"(rounds: {', '.join(f'{t * 1000:.1f}' for t in times)})", flush=True)
+                          f"(runs in order: {', '.join(f'{t * 1000:.1f}' for t in times)})", flush=True)
     finally:
         for proc, _ in procs.values():
             stop_process_group(proc)
@@ -161,8 +159,8 @@ def main() -> int:
     parser.add_argument("--stock-first", action="store_true",
                         help="run the stock vLLM server before attnserve's (to see order effects)")
     parser.add_argument("--paired", action="store_true",
-                        help="run both servers at once and measure full vs stock in A B B A rounds")
-    parser.add_argument("--rounds", type=int, default=2, help="A B B A rounds per cell with --paired")
+                        help="run both servers at once and measure every row in palindrome rounds")
+    parser.add_argument("--rounds", type=int, default=2, help="palindrome rounds per cell with --paired")
     parser.add_argument("--prefix-caching", action="store_true",
                         help="let vLLM reuse the prompts' KV across cells (faster runs; decode TPOT is "
                              "what is measured, prefill is not)")

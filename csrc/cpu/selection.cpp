@@ -426,6 +426,48 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> seer_select_cpu(
   return {token_idx, num_idx, probs};
 }
 
+namespace {
+
+// Order-preserving map of a float to uint32 (negative values below positive ones) and back.
+ATTNSERVE_INLINE uint32_t order_key(float x) {
+  const uint32_t bits = __builtin_bit_cast(uint32_t, x);
+  return bits & 0x80000000u ? ~bits : bits | 0x80000000u;
+}
+ATTNSERVE_INLINE float from_order_key(uint32_t key) {
+  return __builtin_bit_cast(float, key & 0x80000000u ? key & 0x7FFFFFFFu : ~key);
+}
+
+// The keep-th largest of w[0, n) (1 <= keep <= n; no NaN): a radix select on the order keys,
+// 11 + 11 + 10 bits, each pass over the candidates left by the previous one (O(n), no sort).
+float kth_largest(const float* w, int n, int keep) {
+  constexpr int kShift[3] = {21, 10, 0};
+  constexpr uint32_t kBins[3] = {2048, 2048, 1024};
+  std::vector<uint32_t> candidates(n);
+  for (int i = 0; i < n; ++i) candidates[i] = order_key(w[i]);
+  int count = n, needed = keep;  // the keep-th largest is the needed-th largest candidate
+  uint32_t prefix = 0;
+  uint32_t histogram[2048];
+  for (int pass = 0; pass < 3; ++pass) {
+    const uint32_t bins = kBins[pass];
+    std::fill(histogram, histogram + bins, 0u);
+    for (int i = 0; i < count; ++i) ++histogram[(candidates[i] >> kShift[pass]) & (bins - 1)];
+    uint32_t bin = bins - 1;
+    for (;; --bin) {  // from the top: the bin holding the needed-th largest
+      if (histogram[bin] >= static_cast<uint32_t>(needed)) break;
+      needed -= histogram[bin];
+    }
+    prefix |= bin << kShift[pass];
+    int kept = 0;
+    for (int i = 0; i < count; ++i) {
+      if (((candidates[i] >> kShift[pass]) & (bins - 1)) == bin) candidates[kept++] = candidates[i];
+    }
+    count = kept;
+  }
+  return from_order_key(prefix);
+}
+
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor> topk_from_mass_cpu(const at::Tensor& mass,
                                                       const at::Tensor& token_idx,
                                                       const at::Tensor& num_idx, int64_t k) {
@@ -458,10 +500,7 @@ std::tuple<at::Tensor, at::Tensor> topk_from_mass_cpu(const at::Tensor& mass,
       for (int i = 0; i < n; ++i) out[taken++] = pos[i];
       std::sort(out, out + keep);
     } else if (keep > 0) {
-      std::vector<float> masses(w, w + n);
-      std::nth_element(masses.begin(), masses.begin() + (keep - 1), masses.end(),
-                       std::greater<float>());
-      const float threshold = masses[keep - 1];
+      const float threshold = kth_largest(w, n, keep);
       int above = 0;
       for (int i = 0; i < n; ++i) above += w[i] > threshold;
       bool ascending = true;

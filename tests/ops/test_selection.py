@@ -140,6 +140,8 @@ def test_topk_from_mass_matches_reference(k, positions):
     mass = torch.rand(B, Hkv, K, generator=generator)
     mass[0, 0, ::3] = 0.5  # ties: the lower position wins
     mass[1, 1] = (mass[1, 1] * 4).floor()  # four values: the k-th heaviest is tied with many
+    mass[2, 1] = torch.randn(K, generator=generator).round(decimals=1)  # negatives, -0.0 and 0.0, ties
+    mass[2, 1, ::7] = -0.0
     sel, num = attn.topk_from_mass(mass, token_idx, num_idx, k)
     ref_sel, ref_num = reference.topk_from_mass(mass, token_idx, num_idx, k)
     assert sel.shape == (B, Hkv, k)
