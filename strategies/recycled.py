@@ -208,7 +208,8 @@ class RecycledStrategy(Strategy):
                     state.sel_idx[layer] = sel_idx[r, :, :n_sel[r]].clone()
                     state.full_len[layer] = state.buffer_upto[layer] = group.seq_lens_cpu[j]
                     state.buffer_len[layer] = n_sel[r]
-                    state.q_full[layer] = qf[n].float().flatten().clone()
+                    if plan.thresholds[j] > 0:     # the dynamic refresh compares against it
+                        state.q_full[layer] = qf[n].float().flatten().clone()
             for j in full:
                 plan.count.add_host(group.rows[j], float(group.seq_lens_cpu[j]))
 

@@ -129,11 +129,22 @@ void copy_tokens(const GatherProblem& p, const Pages& src, const Pages& dst, int
            (s % p.dst_page) * dst.stride_token;
   };
   if (src.stride_dim == 1 && dst.stride_dim == 1) {  // rows on both sides
+    // Scattered rows: each is a memory latency unless fetched ahead; kAhead rows in flight.
+    constexpr int kAhead = 16;
+    const auto src_row = [&](int j) {
+      const int t = tokens[order[j]];
+      return src_base + table[t / p.page] * src.stride_block + (t % p.page) * src.stride_token;
+    };
+    const int row_bytes = static_cast<int>(sizeof(E)) * D;
+    for (int j = 0; j < std::min(n, kAhead); ++j) {
+      for (int c = 0; c < row_bytes; c += 64) __builtin_prefetch(reinterpret_cast<const char*>(src_row(j)) + c);
+    }
     for (int j = 0; j < n; ++j) {
-      const int i = order[j], t = tokens[i];
-      const E* row = src_base + table[t / p.page] * src.stride_block +
-                     (t % p.page) * src.stride_token;
-      std::memcpy(dst_row(i), row, sizeof(E) * D);
+      if (j + kAhead < n) {
+        const char* ahead = reinterpret_cast<const char*>(src_row(j + kAhead));
+        for (int c = 0; c < row_bytes; c += 64) __builtin_prefetch(ahead + c);
+      }
+      std::memcpy(dst_row(order[j]), src_row(j), row_bytes);
     }
     return;
   }
