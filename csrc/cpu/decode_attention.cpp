@@ -43,6 +43,14 @@ struct Partial {  // one work item's unnormalised result: m [G], l [G], acc [G, 
   float* acc;
 };
 
+ATTNSERVE_INLINE void clear_partial(Partial out, int G, int D) {
+  for (int h = 0; h < G; ++h) {
+    out.m[h] = -INFINITY;
+    out.l[h] = 0.f;
+    std::fill(out.acc + h * D, out.acc + (h + 1) * D, 0.f);
+  }
+}
+
 template <typename scalar_t, int kD>
 ATTNSERVE_INLINE void attend_range_body(const DecodeProblem& p, int b, int g, int begin, int end,
                                         Partial out) {
@@ -58,11 +66,7 @@ ATTNSERVE_INLINE void attend_range_body(const DecodeProblem& p, int b, int g, in
   const scalar_t* keys[kTile];
   const scalar_t* values[kTile];
 
-  for (int h = 0; h < G; ++h) {
-    out.m[h] = -INFINITY;
-    out.l[h] = 0.f;
-    std::fill(out.acc + h * D, out.acc + (h + 1) * D, 0.f);
-  }
+  clear_partial(out, G, D);
   for (int t0 = begin; t0 < end; t0 += kTile) {
     const int n = std::min(kTile, end - t0);
     for (int i = 0; i < n; ++i) {
@@ -332,11 +336,7 @@ ATTNSERVE_TARGET_AVX512 void attend_range_bf16_kt_avx512(const DecodeProblem& p,
   float* logits = p.logits ? p.logits + (static_cast<int64_t>(b) * p.Hkv + g) * G * p.K : nullptr;
   alignas(64) float scores[kMaxGroup][kTile];
   TileRows tile;
-  for (int h = 0; h < G; ++h) {
-    out.m[h] = -INFINITY;
-    out.l[h] = 0.f;
-    std::fill(out.acc + h * kD, out.acc + (h + 1) * kD, 0.f);
-  }
+  clear_partial(out, G, kD);
   for (int t0 = begin; t0 < end; t0 += kTile) {
     const int n = std::min(kTile, end - t0);
     cut_tile(p, idx + t0, table, g, n, tile);
@@ -465,11 +465,7 @@ ATTNSERVE_TARGET_AVX512_BF16 void attend_range_bf16_kt_dot(const DecodeProblem& 
   alignas(64) float scores[kMaxGroup][kTile];
   alignas(64) uint16_t probs[kMaxGroup][kTile];
   TileRows tile;
-  for (int h = 0; h < G; ++h) {
-    out.m[h] = -INFINITY;
-    out.l[h] = 0.f;
-    std::fill(out.acc + h * kD, out.acc + (h + 1) * kD, 0.f);
-  }
+  clear_partial(out, G, kD);
   for (int t0 = begin; t0 < end; t0 += kTile) {
     const int n = std::min(kTile, end - t0);
     cut_tile(p, idx + t0, table, g, n, tile);
