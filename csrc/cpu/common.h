@@ -4,6 +4,10 @@
 // so the build needs no -march flag.
 #pragma once
 
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -20,6 +24,14 @@ namespace attnserve {
 #define ATTNSERVE_TARGET_AVX512 \
   __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")))
 #define ATTNSERVE_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
+// Isa::kAvx512Bf16: AVX-512 with AVX512_BF16 and AVX512_VBMI2.
+#define ATTNSERVE_TARGET_AVX512_BF16 \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx512vbmi2,avx2,fma,f16c")))
+
+// 16 bf16 (raw bits) -> 16 fp32.
+ATTNSERVE_TARGET_AVX512 ATTNSERVE_INLINE __m512 bf16x16_to_fp32(__m256i raw) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
 #endif
 
 // Ordered: each level includes the ones below it. kAvx512Bf16: AVX-512 with AVX512_BF16 and

@@ -6,10 +6,6 @@
 // Inside a partition: tiles of kTile tokens: scores of the tile, one online-softmax rescale per
 // tile, then P @ V.
 #include <omp.h>
-#if defined(__x86_64__)
-#include <immintrin.h>
-#endif
-
 #include <algorithm>
 #include <type_traits>
 #include <vector>
@@ -272,10 +268,6 @@ ATTNSERVE_TARGET_AVX512 ATTNSERVE_INLINE void softmax_tile_avx512(float (*scores
   }
 }
 
-ATTNSERVE_TARGET_AVX512 ATTNSERVE_INLINE __m512 bf16x16_to_fp32(__m256i raw) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
-}
-
 // scores[h0 + hh][piece tokens] = q[h0 + hh] . K[token, :] for kH heads and kPiecesPerPass pieces,
 // head dim outermost.
 template <int kD, int kH>
@@ -363,9 +355,6 @@ ATTNSERVE_TARGET_AVX512 void attend_range_bf16_kt_avx512(const DecodeProblem& p,
     }
   }
 }
-
-#define ATTNSERVE_TARGET_AVX512_BF16 \
-  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c")))
 
 // The bf16-dot variant. Scores: lane t of a pass register holds (K[d][t], K[d + 1][t]), dotted with
 // the query pair (q[d], q[d + 1]). P @ V: lane j holds (V[i][dim], V[i + 1][dim]) for two tokens,

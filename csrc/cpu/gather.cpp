@@ -7,10 +7,6 @@
 // selected tokens of one source page are copied together, row d = 0..D-1 of the page read
 // sequentially and scattered into the destination rows. Dim-contiguous source and destination
 // (V, and K on the other layout): one row memcpy per token.
-#if defined(__x86_64__)
-#include <immintrin.h>
-#endif
-
 #include <algorithm>
 #include <cstring>
 #include <numeric>
@@ -48,11 +44,8 @@ ATTNSERVE_INLINE int count_of(const GatherProblem& p, int64_t bg) {
 }
 
 #if defined(__x86_64__)
-#define ATTNSERVE_TARGET_AVX512_VBMI2 \
-  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vbmi2,avx2,fma,f16c")))
-
 // Row d of one source page, the tokens of `mask` (page / 32 words) packed in order -> dst[0, count).
-ATTNSERVE_TARGET_AVX512_VBMI2 ATTNSERVE_INLINE void compress_row(const uint16_t* src, const uint32_t* mask,
+ATTNSERVE_TARGET_AVX512_BF16 ATTNSERVE_INLINE void compress_row(const uint16_t* src, const uint32_t* mask,
                                                                  int words, uint16_t* dst) {
   int written = 0;
   for (int w = 0; w < words; ++w) {
@@ -69,7 +62,7 @@ ATTNSERVE_TARGET_AVX512_VBMI2 ATTNSERVE_INLINE void compress_row(const uint16_t*
 // tokens of one source page, when they ascend within the page and go to consecutive destination
 // slots, are packed per head-dim row with vpcompressw. Returns false (nothing copied) when the list
 // is not of that shape.
-ATTNSERVE_TARGET_AVX512_VBMI2 bool copy_compressed_runs(const GatherProblem& p, const Pages& src,
+ATTNSERVE_TARGET_AVX512_BF16 bool copy_compressed_runs(const GatherProblem& p, const Pages& src,
                                                         const Pages& dst, int b, int g, const int32_t* tokens,
                                                         const int* order, int n, int start) {
   for (int j = 1; j < n; ++j) {

@@ -1,10 +1,6 @@
 // Block summaries and token selection on CPU: landmark (Quest min/max bound), seer (pooled keys,
 // block gate) and top-k by attention mass. Parallel over (sequence, KV head) or over chunks.
 #include <omp.h>
-#if defined(__x86_64__)
-#include <immintrin.h>
-#endif
-
 #include <algorithm>
 #include <functional>
 #include <type_traits>
@@ -180,8 +176,7 @@ ATTNSERVE_TARGET_AVX512 void landmark_scores_avx512(const LandmarkScoring& s, co
 
 #if defined(__x86_64__)
 ATTNSERVE_TARGET_AVX512 ATTNSERVE_INLINE __m512 widen_bf16x16(const uint16_t* x) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(
-      _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x))), 16));
+  return bf16x16_to_fp32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x)));
 }
 
 // bf16 summaries, kD a multiple of 16: 16 dims per step, one horizontal sum per chunk.
@@ -227,8 +222,6 @@ LandmarkScoresFn pick_landmark_scores_isa() {
   if constexpr (std::is_same_v<summary_t, c10::BFloat16> && kD > 0 && kD % 16 == 0) {
     if (cpu_isa() >= Isa::kAvx512) return landmark_scores_bf16_avx512<kD>;
   }
-#endif
-#if defined(__x86_64__)
   switch (cpu_isa()) {
     case Isa::kAvx512Bf16:
     case Isa::kAvx512: return landmark_scores_avx512<summary_t, kD>;
