@@ -32,6 +32,7 @@ from pathlib import Path
 import httpx
 
 from bench.client import stop_process_group, wait_healthy
+from bench.sweep import nominal_fraction, params_for_fraction
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL_DIR = Path("~/.cache/attnserve/models/SmolLM2-135M-Instruct").expanduser()
@@ -149,6 +150,10 @@ def main() -> int:
     parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8000])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--budget", type=float, default=0.125)
+    parser.add_argument("--budget-is", choices=("params", "attended"), default="params",
+                        help="params: the budget is each strategy's own budget param (sink window, recycled "
+                             "k, landmark k_blocks, seer top_k); attended: the share of the context a "
+                             "decode step attends, dense parts included (bench.sweep.params_for_fraction)")
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--strategies", nargs="+", default=["full", "sink", "recycled", "landmark", "seer"])
     parser.add_argument("--port", type=int, default=8931)
@@ -179,8 +184,13 @@ def main() -> int:
     model = MODEL_DIR.name
     results: dict[tuple[str, int, int], float] = {}
 
+    num_layers = json.loads((MODEL_DIR / "config.json").read_text())["num_hidden_layers"]
+
     def attention_for(name: str, length: int) -> dict | None:
         strategy, extra = variants.get(name, (name, {}))
+        if args.budget_is == "attended":
+            return {"strategy": strategy,
+                    "params": params_for_fraction(strategy, args.budget, length, num_layers, base=extra)}
         attention = strategies(args.budget)[strategy]
         if strategy == "sink":
             attention = {"strategy": "sink",
@@ -213,7 +223,15 @@ def main() -> int:
                 stop_process_group(proc)
 
     rows = list(args.strategies) + list(variants) + ([] if args.no_stock else ["stock"])
-    print(f"\nTPOT ms/token (ratio vs full | vs stock), budget {args.budget}, {args.new_tokens} new tokens")
+    print(f"\nShare of the context a decode step attends (bench.sweep.nominal_fraction), budget "
+          f"{args.budget} as {args.budget_is}:")
+    for name in list(args.strategies) + list(variants):
+        for length in args.lengths:
+            attention = attention_for(name, length)
+            fraction = nominal_fraction(attention["strategy"], attention["params"], length, num_layers)
+            print(f"  {name} at {length}: {fraction:.3f} {json.dumps(attention['params'])}")
+    print(f"\nTPOT ms/token (ratio vs full | vs stock), budget {args.budget} as {args.budget_is}, "
+          f"{args.new_tokens} new tokens")
     width = max(10, *(len(r) + 2 for r in rows))
     header = "strategy".ljust(width) + "".join(f"{f'{L} b{b}':>24}" for L in args.lengths for b in args.batches)
     print(header)

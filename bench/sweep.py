@@ -150,6 +150,41 @@ def nominal_fraction(strategy: str, params: dict, length: int, num_layers: int =
     return float("nan")
 
 
+def params_for_fraction(strategy: str, fraction: float, length: int, num_layers: int = 30,
+                        base: dict | None = None) -> dict:
+    """Params (over ``base``) whose `nominal_fraction` at ``length`` is ``fraction``, up to whole tokens,
+    chunks or blocks: the budget read as the share of the context a decode step attends, so that
+    strategies with dense parts (recycled's full step every `stride`, landmark's dense first layers)
+    get smaller sparse budgets. ValueError when the dense parts alone attend more than ``fraction``."""
+    params = dict(base or {})
+    if strategy == "full":
+        return params
+    if strategy == "sink":
+        n_sink = int(params.get("n_sink", DEFAULT_SINK))
+        params["window"] = max(1, round(fraction * length) - n_sink)
+        return params
+    if strategy == "recycled":
+        stride = int(params.get("stride", 16))
+        kept = (fraction - 1 / stride) / (1 - 1 / stride)
+        if kept <= 0:
+            raise ValueError(f"recycled with stride {stride} attends >= 1/{stride} (its full steps)")
+        params["k"] = max(1, round(kept * length))
+        return params
+    if strategy == "landmark":
+        block = int(params.get("block_size", DEFAULT_BLOCK["landmark"]))
+        dense = min(int(params.get("dense_layers", 2)), num_layers)
+        if dense >= num_layers or fraction * num_layers <= dense:
+            raise ValueError(f"landmark with {dense} dense layers of {num_layers} attends more than {fraction}")
+        kept = (fraction * num_layers - dense) / (num_layers - dense)
+        params["k_blocks"] = max(1, round(kept * length / block) - 2)
+        return params
+    if strategy == "seer":
+        block = int(params.get("block_size", DEFAULT_BLOCK["seer"]))
+        params["top_k"] = max(1, round(fraction * length / block) - 1)
+        return params
+    raise ValueError(f"no budget mapping for strategy {strategy!r}")
+
+
 def build_configs(strategies: list[str], budgets: list[int | float], extra: dict[str, dict]) -> list[Config]:
     configs = [Config("full", None)]
     for name in strategies:

@@ -92,6 +92,28 @@ def test_budget_to_strategy_params():
     assert sw.nominal_fraction("landmark", {"k_blocks": 30, "dense_layers": 0}, 4096) == pytest.approx(0.125)
 
 
+
+@pytest.mark.parametrize("strategy,base", [("sink", {}), ("sink", {"n_sink": 64}), ("recycled", {}),
+                                           ("recycled", {"stride": 50}), ("landmark", {}),
+                                           ("landmark", {"dense_layers": 0, "block_size": 32}), ("seer", {})])
+@pytest.mark.parametrize("length", [2048, 4096, 8000])
+def test_params_for_fraction_inverts_nominal_fraction(strategy, base, length):
+    """The budget read as the share attended: the dense parts (recycled's full step, landmark's dense
+    layers) shrink the sparse budget, and the share comes back to within one chunk / block."""
+    params = sw.params_for_fraction(strategy, 0.125, length, 30, base=base)
+    assert {k: params[k] for k in base} == base
+    block = {"landmark": params.get("block_size", 16), "seer": 64}.get(strategy, 1)
+    assert sw.nominal_fraction(strategy, params, length, 30) == pytest.approx(0.125, abs=block / length)
+
+
+def test_params_for_fraction_of_dense_parts_alone_is_refused():
+    assert sw.params_for_fraction("recycled", 0.125, 8000)["k"] < 0.125 * 8000
+    assert sw.params_for_fraction("landmark", 0.125, 8000)["k_blocks"] < 0.125 * 8000 / 16
+    with pytest.raises(ValueError, match="full steps"):
+        sw.params_for_fraction("recycled", 0.05, 8000, base={"stride": 16})
+    with pytest.raises(ValueError, match="dense layers"):
+        sw.params_for_fraction("landmark", 0.05, 8000, base={"dense_layers": 2})
+
 def sweep_result() -> dict:
     def row(config, strategy, budget, length, agreement, frac, score=50.0, tpot=10.0):
         return {"config": config, "strategy": strategy, "budget": budget, "length": length,
