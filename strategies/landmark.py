@@ -8,8 +8,9 @@ sum_{heads of the group} sum_d max(q_d * max_d, q_d * min_d), an upper bound of 
 attend densely (Quest: 2). Default budget: 64 chunks x 16 tokens = 1024 tokens (+ first and newest
 chunk), inside Quest's 512-4096 token budgets and sized for this project's 8k-position model.
 
-Summaries live per *physical* KV block (``[num_blocks, Hkv, page // chunk, D]`` per layer, bf16 for a bf16
-cache on CPU, else fp32: 1/16 or 1/8 of a bf16 KV cache at chunk 16, allocated on first use), so they
+Summaries live per *physical* KV block (``[num_blocks, Hkv, page // chunk, D]`` per layer; for a bf16 cache
+on CPU int8 rows of D + 4 bytes, D steps of a per-row fp32 scale, kmin rounded down and kmax up so the
+score stays an upper bound: ~1/30 of the KV cache at chunk 16; else fp32; allocated on first use), so they
 stay right under prefix caching;
 a request remembers only how far it has summarised, and each decode step summarises the tokens not
 summarised yet (the whole prompt on its first decode step). Prefill is dense.
@@ -114,14 +115,14 @@ class LandmarkStrategy(Strategy):
 
     def _summaries(self, chunk: int, layer: int, key_cache: Tensor) -> tuple[Tensor, Tensor]:
         num_blocks, hkv, page, d = key_cache.shape
-        # bf16 summaries of a bf16 cache on CPU (the compiled CPU kernels read either): each decode
-        # step reads every chunk's summary, half the bytes is a faster step; fp32 elsewhere
-        dtype = torch.bfloat16 if key_cache.dtype == torch.bfloat16 and key_cache.device.type == "cpu" \
-            else torch.float32
+        # int8 summaries of a bf16 cache on CPU (rows of D int8 + an fp32 scale, ops.landmark_update_summaries):
+        # each decode step reads every chunk's summary, a quarter of fp32's bytes is a faster step; fp32 elsewhere
+        int8_rows = key_cache.dtype == torch.bfloat16 and key_cache.device.type == "cpu"
+        dtype = torch.int8 if int8_rows else torch.float32
         found = self.summaries.get((chunk, layer))
         if found is None or found[0].shape[0] != num_blocks or found[0].device != key_cache.device \
                 or found[0].dtype != dtype:
-            shape = (num_blocks, hkv, page // chunk, d)
+            shape = (num_blocks, hkv, page // chunk, d + 4 if int8_rows else d)
             found = (torch.zeros(shape, dtype=dtype, device=key_cache.device),
                      torch.zeros(shape, dtype=dtype, device=key_cache.device))
             self.summaries[(chunk, layer)] = found

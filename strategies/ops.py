@@ -166,7 +166,9 @@ def paged_prefill_attention(query: Tensor, key_cache: Tensor, value_cache: Tenso
 
 def landmark_update_summaries(key_cache: Tensor, block_table: Tensor, start_pos: Tensor,
                               seq_lens: Tensor, chunk: int, kmin: Tensor, kmax: Tensor) -> None:
-    """Refresh kmin/kmax [num_blocks, Hkv, page // chunk, D] (fp32, or bf16 on CPU) for tokens [start_pos, seq_len)."""
+    """Refresh kmin/kmax [num_blocks, Hkv, page // chunk, D] (fp32; on CPU also bf16, or int8 rows
+    [..., D + 4]: D steps of an fp32 scale stored after them, ``reference.q8_rows``) for tokens
+    [start_pos, seq_len)."""
     _op("landmark_update_summaries", key_cache.device)(
         key_cache, block_table, start_pos, seq_lens, int(chunk), kmin, kmax)
 

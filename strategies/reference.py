@@ -102,10 +102,31 @@ def _chunk_slots(block_table_row: Tensor, chunks: Tensor, chunk: int, page: int)
     return block_table_row.long()[first_token // page], (first_token % page) // chunk
 
 
+Q8_SCALE_BYTES = 4
+
+
+def q8_rows(x: Tensor, round_up: bool) -> Tensor:
+    """[..., D] fp32 -> int8 summary rows [..., D + 4]: D steps of scale = max |x| / 127, rounded down
+    (kmin) or up (kmax) so that Quest's score stays an upper bound, then scale's fp32 bytes."""
+    scale = x.abs().amax(dim=-1, keepdim=True) / 127
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    steps = torch.ceil(x / safe) if round_up else torch.floor(x / safe)
+    steps = torch.where(scale > 0, steps, torch.zeros_like(steps)).clamp(-128, 127).to(torch.int8)
+    return torch.cat([steps, scale.contiguous().view(torch.int8)], dim=-1)
+
+
+def summary_values(rows: Tensor, head_size: int) -> Tensor:
+    """Summary rows (fp32, bf16, or int8 rows of ``q8_rows``) -> fp32 [..., head_size]."""
+    if rows.dtype != torch.int8:
+        return rows.float()
+    return rows[..., :head_size].float() * rows[..., head_size:].contiguous().view(torch.float32)
+
+
 def landmark_update_summaries(key_cache: Tensor, block_table: Tensor, start_pos: Tensor,
                               seq_lens: Tensor, chunk: int, kmin: Tensor, kmax: Tensor) -> None:
-    """Recompute kmin/kmax [num_blocks, Hkv, page // chunk, D] (fp32 or bf16, in place) of every chunk
-    touching tokens [start_pos[b], seq_lens[b]); a partial chunk over its filled tokens only."""
+    """Recompute kmin/kmax [num_blocks, Hkv, page // chunk, D] (fp32 or bf16; int8 rows [.., D + 4] of
+    ``q8_rows``; in place) of every chunk touching tokens [start_pos[b], seq_lens[b]); a partial chunk
+    over its filled tokens only."""
     page = key_cache.shape[2]
     for b, (start, seq_len) in enumerate(zip(start_pos.tolist(), seq_lens.tolist())):
         if start >= seq_len:
@@ -119,8 +140,11 @@ def landmark_update_summaries(key_cache: Tensor, block_table: Tensor, start_pos:
         hi = torch.nn.functional.pad(keys, (0, 0, 0, 0, 0, pad), value=float("-inf")).view(shape)
         blocks, slots = _chunk_slots(block_table[b], torch.arange(first_chunk, end_chunk,
                                                                   device=keys.device), chunk, page)
-        kmin[blocks, :, slots] = lo.amin(dim=1).to(kmin.dtype)
-        kmax[blocks, :, slots] = hi.amax(dim=1).to(kmax.dtype)
+        low, high = lo.amin(dim=1), hi.amax(dim=1)
+        if kmin.dtype == torch.int8:
+            low, high = q8_rows(low.float(), round_up=False), q8_rows(high.float(), round_up=True)
+        kmin[blocks, :, slots] = low.to(kmin.dtype)
+        kmax[blocks, :, slots] = high.to(kmax.dtype)
 
 
 def _expand_chunks(chosen: list[Tensor], chunk: int, seq_lens: list[int], K: int,
@@ -168,7 +192,8 @@ def landmark_select(query: Tensor, kmin: Tensor, kmax: Tensor, block_table: Tens
         n_chunks = (lens[b] + chunk - 1) // chunk
         blocks, slots = _chunk_slots(block_table[b], torch.arange(n_chunks, device=query.device),
                                      chunk, page)
-        lo, hi = kmin[blocks, :, slots].float(), kmax[blocks, :, slots].float()  # [n, Hkv, D]
+        lo = summary_values(kmin[blocks, :, slots], D)                               # [n, Hkv, D]
+        hi = summary_values(kmax[blocks, :, slots], D)
         q = query[b].float().view(Hkv, -1, D)                                     # [Hkv, G, D]
         positive, negative = q.clamp(min=0).sum(dim=1), q.clamp(max=0).sum(dim=1)  # [Hkv, D]
         scores = (torch.einsum("nhd,hd->hn", hi, positive)

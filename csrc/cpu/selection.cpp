@@ -2,6 +2,8 @@
 // block gate) and top-k by attention mass. Parallel over (sequence, KV head) or over chunks.
 #include <omp.h>
 #include <algorithm>
+#include <cmath>
+#include <cstring>
 #include <functional>
 #include <type_traits>
 #include <numeric>
@@ -40,6 +42,31 @@ std::vector<Chunk> chunks_to_update(const at::Tensor& block_table, const at::Ten
 ATTNSERVE_INLINE void store_summary(float x, float* out) { *out = x; }
 ATTNSERVE_INLINE void store_summary(float x, c10::BFloat16* out) { *out = c10::BFloat16(x); }
 
+// int8 summaries (landmark on CPU, a quarter of fp32's bytes): a row is D int8 values then their
+// fp32 scale (D + 4 bytes), value_d ~ q_d * scale with scale = max_d |x_d| / 127. kmin is rounded
+// down and kmax up, so that Quest's score (kmax . P + kmin . N, P >= 0 >= N) stays an upper bound
+// of q.k, as it is with exact summaries.
+constexpr int kQ8ScaleBytes = 4;
+
+ATTNSERVE_INLINE int summary_row_width(bool int8_rows, int D) { return int8_rows ? D + kQ8ScaleBytes : D; }
+
+ATTNSERVE_INLINE float q8_scale(const int8_t* row, int D) {
+  float scale;
+  std::memcpy(&scale, row + D, sizeof(float));
+  return scale;
+}
+
+void store_q8_row(const float* x, int D, bool round_up, int8_t* out) {
+  float largest = 0.f;
+  for (int d = 0; d < D; ++d) largest = std::max(largest, std::fabs(x[d]));
+  const float scale = largest / 127.f;
+  for (int d = 0; d < D; ++d) {
+    const float steps = scale > 0.f ? (round_up ? std::ceil(x[d] / scale) : std::floor(x[d] / scale)) : 0.f;
+    out[d] = static_cast<int8_t>(std::min(127.f, std::max(-128.f, steps)));
+  }
+  std::memcpy(out + D, &scale, sizeof(float));
+}
+
 // kmin / kmax as out_t (landmark: fp32, or bf16 to halve the bytes each decode step scores);
 // kmean (seer) is fp32.
 template <typename scalar_t, typename out_t = float>
@@ -49,7 +76,8 @@ void summarise_chunks(const at::Tensor& key_cache, const std::vector<Chunk>& chu
   const CacheView view = make_view(key_cache);
   const int Hkv = key_cache.size(1), page = key_cache.size(2), D = key_cache.size(3);
   const int slots = page / chunk;
-  const int width = kmean ? 3 * D : D;  // seer: (max, min, mean) in one row
+  // seer: (max, min, mean) in one row; landmark: D, or D int8 + their scale
+  const int width = kmean ? 3 * D : summary_row_width(std::is_same_v<out_t, int8_t>, D);
   const int n = chunks.size();
   const int threads = threads_for((int64_t)n * Hkv * chunk * D * 3);
 #pragma omp parallel for schedule(dynamic, 4) num_threads(threads)
@@ -74,6 +102,9 @@ void summarise_chunks(const at::Tensor& key_cache, const std::vector<Chunk>& chu
         out[D + d] = lo[d];
         out[2 * D + d] = sum[d] * inv;
       }
+    } else if constexpr (std::is_same_v<out_t, int8_t>) {
+      store_q8_row(lo.data(), D, false, kmin + offset);
+      store_q8_row(hi.data(), D, true, kmax + offset);
     } else {
       for (int d = 0; d < D; ++d) {
         store_summary(lo[d], kmin + offset + d);
@@ -117,7 +148,7 @@ int expand_chunks(const std::vector<int>& chunks, int chunk, int seq_len, int K,
 // sum_h sum_d max(q_hd * hi_d, q_hd * lo_d) = hi . P + lo . N with P_d = sum_h max(q_hd, 0),
 // N_d = sum_h min(q_hd, 0): two D-long dots per chunk, whatever the group size.
 struct LandmarkScoring {
-  const void* kmin;  // [num_blocks, Hkv, slots, D] contiguous, fp32 or bf16
+  const void* kmin;  // [num_blocks, Hkv, slots, D] contiguous, fp32 or bf16 (int8: [.., D + 4])
   const void* kmax;
   const int32_t* table_row;  // block_table[b]
   int Hkv, g, slots, chunk, page, D;
@@ -129,24 +160,51 @@ ATTNSERVE_INLINE float summary_value(const c10::BFloat16* p, int d) {
 }
 
 // Page by page (one block-table lookup per page, its chunks' summaries contiguous).
+template <int kD>
+ATTNSERVE_INLINE void landmark_scores_q8_body(const LandmarkScoring& s, const float* pos,
+                                              const float* neg, int n_chunks, float* scores) {
+  const int D = kD > 0 ? kD : s.D;
+  const int width = D + kQ8ScaleBytes;
+  const int8_t* kmin = static_cast<const int8_t*>(s.kmin);
+  const int8_t* kmax = static_cast<const int8_t*>(s.kmax);
+  for (int c0 = 0; c0 < n_chunks; c0 += s.slots) {
+    const int64_t offset = (s.table_row[c0 / s.slots] * s.Hkv + s.g) * s.slots * width;
+    for (int slot = 0; slot < std::min(s.slots, n_chunks - c0); ++slot) {
+      const int8_t* lo = kmin + offset + slot * width;
+      const int8_t* hi = kmax + offset + slot * width;
+      float upper = 0.f, lower = 0.f;
+#pragma omp simd reduction(+ : upper, lower)
+      for (int d = 0; d < D; ++d) {
+        upper += static_cast<float>(hi[d]) * pos[d];
+        lower += static_cast<float>(lo[d]) * neg[d];
+      }
+      scores[c0 + slot] = upper * q8_scale(hi, D) + lower * q8_scale(lo, D);
+    }
+  }
+}
+
 template <typename summary_t, int kD>
 ATTNSERVE_INLINE void landmark_scores_body(const LandmarkScoring& s, const float* pos,
                                            const float* neg, int n_chunks, float* scores) {
-  const int D = kD > 0 ? kD : s.D;
-  const summary_t* kmin = static_cast<const summary_t*>(s.kmin);
-  const summary_t* kmax = static_cast<const summary_t*>(s.kmax);
-  for (int c0 = 0; c0 < n_chunks; c0 += s.slots) {
-    const int64_t block = s.table_row[c0 / s.slots];
-    const int64_t offset = (block * s.Hkv + s.g) * s.slots * D;
-    for (int slot = 0; slot < std::min(s.slots, n_chunks - c0); ++slot) {
-      const summary_t* lo = kmin + offset + slot * D;
-      const summary_t* hi = kmax + offset + slot * D;
-      float score = 0.f;
+  if constexpr (std::is_same_v<summary_t, int8_t>) {
+    landmark_scores_q8_body<kD>(s, pos, neg, n_chunks, scores);
+  } else {
+    const int D = kD > 0 ? kD : s.D;
+    const summary_t* kmin = static_cast<const summary_t*>(s.kmin);
+    const summary_t* kmax = static_cast<const summary_t*>(s.kmax);
+    for (int c0 = 0; c0 < n_chunks; c0 += s.slots) {
+      const int64_t block = s.table_row[c0 / s.slots];
+      const int64_t offset = (block * s.Hkv + s.g) * s.slots * D;
+      for (int slot = 0; slot < std::min(s.slots, n_chunks - c0); ++slot) {
+        const summary_t* lo = kmin + offset + slot * D;
+        const summary_t* hi = kmax + offset + slot * D;
+        float score = 0.f;
 #pragma omp simd reduction(+ : score)
-      for (int d = 0; d < D; ++d) {
-        score += summary_value(hi, d) * pos[d] + summary_value(lo, d) * neg[d];
+        for (int d = 0; d < D; ++d) {
+          score += summary_value(hi, d) * pos[d] + summary_value(lo, d) * neg[d];
+        }
+        scores[c0 + slot] = score;
       }
-      scores[c0 + slot] = score;
     }
   }
 }
@@ -216,11 +274,58 @@ ATTNSERVE_TARGET_AVX512 void landmark_scores_bf16_avx512(const LandmarkScoring& 
 }
 #endif
 
+#if defined(__x86_64__)
+ATTNSERVE_TARGET_AVX512 ATTNSERVE_INLINE __m512 widen_int8x16(const int8_t* x) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x))));
+}
+
+// int8 summaries, kD a multiple of 16: as the bf16 path, the row's two sums scaled at the end.
+template <int kD>
+ATTNSERVE_TARGET_AVX512 void landmark_scores_q8_avx512(const LandmarkScoring& s, const float* pos,
+                                                       const float* neg, int n_chunks, float* scores) {
+  constexpr int kWidth = kD + kQ8ScaleBytes;
+  const int8_t* kmin = static_cast<const int8_t*>(s.kmin);
+  const int8_t* kmax = static_cast<const int8_t*>(s.kmax);
+  __m512 p[kD / 16], q[kD / 16];
+  for (int c = 0; c < kD / 16; ++c) {
+    p[c] = _mm512_loadu_ps(pos + 16 * c);
+    q[c] = _mm512_loadu_ps(neg + 16 * c);
+  }
+  const int64_t page_bytes = static_cast<int64_t>(s.slots) * kWidth;
+  for (int c0 = 0; c0 < n_chunks; c0 += s.slots) {
+    const int64_t offset = (s.table_row[c0 / s.slots] * s.Hkv + s.g) * page_bytes;
+    const int count = std::min(s.slots, n_chunks - c0);
+    if (c0 + s.slots < n_chunks) {  // the next page's summaries: scattered blocks defeat the prefetcher
+      const int64_t next = (s.table_row[c0 / s.slots + 1] * s.Hkv + s.g) * page_bytes;
+      for (int64_t e = 0; e < page_bytes; e += 64) {
+        _mm_prefetch(reinterpret_cast<const char*>(kmin + next + e), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(kmax + next + e), _MM_HINT_T0);
+      }
+    }
+    for (int slot = 0; slot < count; ++slot) {
+      const int8_t* lo = kmin + offset + slot * kWidth;
+      const int8_t* hi = kmax + offset + slot * kWidth;
+      __m512 upper = _mm512_mul_ps(widen_int8x16(hi), p[0]);
+      __m512 lower = _mm512_mul_ps(widen_int8x16(lo), q[0]);
+      for (int c = 1; c < kD / 16; ++c) {
+        upper = _mm512_fmadd_ps(widen_int8x16(hi + 16 * c), p[c], upper);
+        lower = _mm512_fmadd_ps(widen_int8x16(lo + 16 * c), q[c], lower);
+      }
+      scores[c0 + slot] = _mm512_reduce_add_ps(upper) * q8_scale(hi, kD) +
+                          _mm512_reduce_add_ps(lower) * q8_scale(lo, kD);
+    }
+  }
+}
+#endif
+
 template <typename summary_t, int kD>
 LandmarkScoresFn pick_landmark_scores_isa() {
 #if defined(__x86_64__)
   if constexpr (std::is_same_v<summary_t, c10::BFloat16> && kD > 0 && kD % 16 == 0) {
     if (cpu_isa() >= Isa::kAvx512) return landmark_scores_bf16_avx512<kD>;
+  }
+  if constexpr (std::is_same_v<summary_t, int8_t> && kD > 0 && kD % 16 == 0) {
+    if (cpu_isa() >= Isa::kAvx512) return landmark_scores_q8_avx512<kD>;
   }
   switch (cpu_isa()) {
     case Isa::kAvx512Bf16:
@@ -239,13 +344,18 @@ LandmarkScoresFn pick_landmark_scores(int D) {
   return pick_landmark_scores_isa<summary_t, 0>();
 }
 
-// kmin / kmax of landmark: contiguous, the same dtype, fp32 or bf16.
-void check_landmark_summaries(const at::Tensor& kmin, const at::Tensor& kmax) {
+// kmin / kmax of landmark: contiguous, the same dtype, fp32, bf16 or int8 (rows of D + 4 bytes),
+// [num_blocks, Hkv, slots, width] with width D (int8: D + 4).
+void check_landmark_summaries(const at::Tensor& kmin, const at::Tensor& kmax, int64_t Hkv, int64_t D) {
   TORCH_CHECK(kmin.is_contiguous() && kmax.is_contiguous(), "kmin and kmax must be contiguous");
-  TORCH_CHECK(kmin.scalar_type() == kmax.scalar_type() &&
-                  (kmin.scalar_type() == at::kFloat || kmin.scalar_type() == at::kBFloat16),
-              "kmin and kmax must both be float32 or both bfloat16, got ", kmin.scalar_type(),
+  const at::ScalarType type = kmin.scalar_type();
+  TORCH_CHECK(type == kmax.scalar_type() &&
+                  (type == at::kFloat || type == at::kBFloat16 || type == at::kChar),
+              "kmin and kmax must both be float32, both bfloat16 or both int8, got ", kmin.scalar_type(),
               " and ", kmax.scalar_type());
+  const int64_t width = summary_row_width(type == at::kChar, D);
+  TORCH_CHECK(kmin.dim() == 4 && kmin.sizes() == kmax.sizes() && kmin.size(1) == Hkv && kmin.size(3) == width,
+              "kmin/kmax must be [num_blocks, ", Hkv, ", page / chunk, ", width, "], got ", kmin.sizes());
 }
 
 }  // namespace
@@ -257,16 +367,19 @@ void landmark_update_summaries_cpu(const at::Tensor& key_cache, const at::Tensor
   check_int32(block_table, "block_table");
   check_int32(start_pos, "start_pos");
   check_int32(seq_lens, "seq_lens");
-  check_landmark_summaries(kmin, kmax);
+  check_landmark_summaries(kmin, kmax, key_cache.size(1), key_cache.size(3));
   const int page = key_cache.size(2);
   TORCH_CHECK(chunk > 0 && page % chunk == 0, "chunk must divide the page size");
-  TORCH_CHECK(kmin.sizes() == kmax.sizes() && kmin.size(2) == page / chunk &&
-                  kmin.size(3) == key_cache.size(3) && kmin.size(1) == key_cache.size(1),
-              "kmin/kmax must be [num_blocks, Hkv, page / chunk, D]");
+  TORCH_CHECK(kmin.size(2) == page / chunk, "kmin/kmax must have page / chunk slots");
   const at::Tensor table = block_table.contiguous();
   const auto chunks = chunks_to_update(table, start_pos, seq_lens, chunk, page);
   const bool bf16_cache = key_cache.scalar_type() == at::kBFloat16;
-  if (kmin.scalar_type() == at::kBFloat16) {
+  if (kmin.scalar_type() == at::kChar) {
+    auto* lo = kmin.data_ptr<int8_t>();
+    auto* hi = kmax.data_ptr<int8_t>();
+    if (bf16_cache) summarise_chunks<c10::BFloat16>(key_cache, chunks, chunk, lo, hi, nullptr);
+    else summarise_chunks<float>(key_cache, chunks, chunk, lo, hi, nullptr);
+  } else if (kmin.scalar_type() == at::kBFloat16) {
     auto* lo = kmin.data_ptr<c10::BFloat16>();
     auto* hi = kmax.data_ptr<c10::BFloat16>();
     if (bf16_cache) summarise_chunks<c10::BFloat16>(key_cache, chunks, chunk, lo, hi, nullptr);
@@ -306,13 +419,13 @@ void seer_pool_keys_cpu(const at::Tensor& key_cache, const at::Tensor& block_tab
 std::tuple<at::Tensor, at::Tensor> landmark_select_cpu(
     const at::Tensor& query, const at::Tensor& kmin, const at::Tensor& kmax,
     const at::Tensor& block_table, const at::Tensor& seq_lens, int64_t chunk, int64_t k_chunks) {
-  check_landmark_summaries(kmin, kmax);
   check_int32(block_table, "block_table");
   check_int32(seq_lens, "seq_lens");
   const int B = query.size(0), Hq = query.size(1), D = query.size(2);
+  check_landmark_summaries(kmin, kmax, kmin.size(1), D);
   const int Hkv = kmin.size(1), slots = kmin.size(2);
   const int page = slots * chunk, G = Hq / Hkv;
-  TORCH_CHECK(Hq % Hkv == 0 && kmin.size(3) == D, "query / summary shapes disagree");
+  TORCH_CHECK(Hq % Hkv == 0, "query heads must be a multiple of the summaries' KV heads");
   const int K = std::min<int64_t>((k_chunks + 2) * chunk, block_table.size(1) * (int64_t)page);
   const at::Tensor q = query.to(at::kFloat).contiguous();
   const at::Tensor table = block_table.contiguous(), lens = seq_lens.contiguous();
@@ -329,9 +442,9 @@ std::tuple<at::Tensor, at::Tensor> landmark_select_cpu(
   int64_t work = 0;
   for (int b = 0; b < B; ++b) work += (int64_t)Hkv * D * 2 * ((len_ptr[b] + chunk - 1) / chunk);
   const int threads = threads_for(work);
-  const LandmarkScoresFn score_chunks = kmin.scalar_type() == at::kBFloat16
-                                             ? pick_landmark_scores<c10::BFloat16>(D)
-                                             : pick_landmark_scores<float>(D);
+  const LandmarkScoresFn score_chunks = kmin.scalar_type() == at::kChar       ? pick_landmark_scores<int8_t>(D)
+                                         : kmin.scalar_type() == at::kBFloat16 ? pick_landmark_scores<c10::BFloat16>(D)
+                                                                               : pick_landmark_scores<float>(D);
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
   for (int bg = 0; bg < B * Hkv; ++bg) {
     const int b = bg / Hkv, g = bg % Hkv;

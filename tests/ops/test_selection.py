@@ -15,11 +15,14 @@ attn = torch.ops.attnserve
 
 def fresh_summaries(kv, chunk, width_factor=1, sentinel=7.0, dtype=torch.float32):
     num_blocks, num_kv_heads, page, head_size = kv.key_cache.shape
-    return torch.full((num_blocks, num_kv_heads, page // chunk, width_factor * head_size), sentinel,
-                      dtype=dtype)
+    width = width_factor * head_size + (reference.Q8_SCALE_BYTES if dtype == torch.int8 else 0)
+    return torch.full((num_blocks, num_kv_heads, page // chunk, width), sentinel, dtype=dtype)
 
 
-@pytest.mark.parametrize("summary_dtype", [torch.float32, torch.bfloat16])
+SUMMARY_DTYPES = [torch.float32, torch.bfloat16, torch.int8]
+
+
+@pytest.mark.parametrize("summary_dtype", SUMMARY_DTYPES)
 @pytest.mark.parametrize("dtype,page,chunk,layout", [
     (torch.float32, 16, 16, "vllm"), (torch.bfloat16, 128, 16, "vllm"),
     (torch.bfloat16, 128, 32, "rows"), (torch.float32, 128, 8, "vllm")])
@@ -50,7 +53,7 @@ def assert_same_selection(tokens, count, ref_tokens, ref_count):
     (torch.float32, 3, 16, 16), (torch.bfloat16, 1, 128, 16), (torch.bfloat16, 8, 128, 32),
     (torch.float32, 3, 128, 64)])
 @pytest.mark.parametrize("k_chunks", [0, 3, 40, 1000])
-@pytest.mark.parametrize("summary_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("summary_dtype", SUMMARY_DTYPES)
 def test_landmark_select_matches_reference(dtype, group, page, chunk, k_chunks, summary_dtype, cpu_isa):
     num_kv_heads = 2
     kv = make_paged_kv(SEQ_LENS, num_kv_heads, 64, page, dtype, seed=k_chunks)
@@ -67,6 +70,36 @@ def test_landmark_select_matches_reference(dtype, group, page, chunk, k_chunks, 
     expected = [min(n, (min(k_chunks, max(0, -(-n // chunk) - 2)) + 2) * chunk) for n in SEQ_LENS]
     assert count[:, 0].tolist()[:2] == [1, 16]  # tiny sequences: everything
     assert all(c <= e for c, e in zip(count[:, 0].tolist(), expected))
+
+
+def test_int8_summaries_bound_the_keys_and_keep_quests_upper_bound():
+    """kmin rounded down, kmax up: every key lies inside the dequantised [kmin, kmax] of its chunk, so the
+    score bounds q.k of every token of the chunk, as with exact summaries; the steps are within one
+    scale of the exact min / max."""
+    chunk = 16
+    kv = make_paged_kv(SEQ_LENS, 2, 64, 128, torch.bfloat16, seed=3)
+    zeros = torch.zeros(len(SEQ_LENS), dtype=torch.int32)
+    exact = [fresh_summaries(kv, chunk) for _ in range(2)]
+    rows = [fresh_summaries(kv, chunk, dtype=torch.int8) for _ in range(2)]
+    attn.landmark_update_summaries(kv.key_cache, kv.block_table, zeros, kv.seq_lens, chunk, *exact)
+    attn.landmark_update_summaries(kv.key_cache, kv.block_table, zeros, kv.seq_lens, chunk, *rows)
+    low, high = (reference.summary_values(r, 64) for r in rows)
+    scale = rows[1][..., 64:].contiguous().view(torch.float32)
+    used = exact[0][..., 0] != 7.0                                       # slots holding a chunk
+    assert bool(used.any())
+    assert bool((low[used] <= exact[0][used]).all()) and bool((high[used] >= exact[1][used]).all())
+    assert bool((high[used] - exact[1][used] <= scale[used] * 1.001).all())
+    query = torch.randn(len(SEQ_LENS), 6, 64)
+    positive = query.view(len(SEQ_LENS), 2, 3, 64).clamp(min=0).sum(dim=2)
+    negative = query.view(len(SEQ_LENS), 2, 3, 64).clamp(max=0).sum(dim=2)
+    for b, n in enumerate(SEQ_LENS):
+        keys = torch.stack([kv.key_cache[kv.block_table[b, t // 128], :, t % 128].float() for t in range(n)])
+        for t in range(0, n, 7):
+            block, slot = int(kv.block_table[b, t // 128]), (t % 128) // chunk
+            for g in range(2):
+                bound = high[block, g, slot] @ positive[b, g] + low[block, g, slot] @ negative[b, g]
+                group_dots = query[b].view(2, 3, 64)[g] @ keys[t, g]       # the group's 3 heads
+                assert float(bound) >= float(group_dots.sum()) - 1e-4
 
 
 def test_landmark_with_every_chunk_equals_dense():
