@@ -11,6 +11,12 @@ request's first token to the first request's last token), the median over reques
 tokens in it. Seer uses the gates the server finds for the model (shipped for the embedded one).
 Prints one table with ratios; no assertion.
 
+The budget is each strategy's own budget param by default (sink window, recycled k, landmark k_blocks,
+seer top_k: 1/8 each); with ``--budget-is attended`` it is the share of the context a decode step
+attends, dense parts included (recycled's full step every ``stride``, landmark's dense first layers),
+so that every row attends the same share (``bench.sweep.params_for_fraction``). The table is preceded
+by each row's params and share.
+
 With ``--paired`` both servers run at once (the idle one waits on its socket) and every row of a cell
 is measured in ``--rounds`` palindromes (full, stock, sparse..., then the reverse), so that drift and
 order effects of this shared machine fall on all rows alike; each row is the mean of its runs.
