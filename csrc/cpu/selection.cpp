@@ -233,86 +233,53 @@ ATTNSERVE_TARGET_AVX512 void landmark_scores_avx512(const LandmarkScoring& s, co
 #endif
 
 #if defined(__x86_64__)
-ATTNSERVE_TARGET_AVX512 ATTNSERVE_INLINE __m512 widen_bf16x16(const uint16_t* x) {
+// 16 summary values as fp32: bf16 rows (D values), int8 rows (D steps, then their scale).
+ATTNSERVE_TARGET_AVX512 ATTNSERVE_INLINE __m512 widen_x16(const uint16_t* x) {
   return bf16x16_to_fp32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x)));
 }
+ATTNSERVE_TARGET_AVX512 ATTNSERVE_INLINE __m512 widen_x16(const int8_t* x) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x))));
+}
+ATTNSERVE_INLINE constexpr int row_extra(const uint16_t*) { return 0; }
+ATTNSERVE_INLINE constexpr int row_extra(const int8_t*) { return kQ8ScaleBytes; }
+ATTNSERVE_INLINE float row_scale(const uint16_t*, int) { return 1.f; }
+ATTNSERVE_INLINE float row_scale(const int8_t* row, int D) { return q8_scale(row, D); }
 
-// bf16 summaries, kD a multiple of 16: 16 dims per step, one horizontal sum per chunk.
-template <int kD>
-ATTNSERVE_TARGET_AVX512 void landmark_scores_bf16_avx512(const LandmarkScoring& s, const float* pos,
+// bf16 (E = uint16_t) or int8 (E = int8_t) summaries, kD a multiple of 16: 16 dims per step, the
+// kmax . P and kmin . N sums scaled by their rows' scales (1 for bf16) at the end.
+template <typename E, int kD>
+ATTNSERVE_TARGET_AVX512 void landmark_scores_rows_avx512(const LandmarkScoring& s, const float* pos,
                                                          const float* neg, int n_chunks, float* scores) {
-  const uint16_t* kmin = static_cast<const uint16_t*>(s.kmin);
-  const uint16_t* kmax = static_cast<const uint16_t*>(s.kmax);
+  constexpr int kWidth = kD + row_extra(static_cast<const E*>(nullptr));
+  const E* kmin = static_cast<const E*>(s.kmin);
+  const E* kmax = static_cast<const E*>(s.kmax);
   __m512 p[kD / 16], q[kD / 16];
   for (int c = 0; c < kD / 16; ++c) {
     p[c] = _mm512_loadu_ps(pos + 16 * c);
     q[c] = _mm512_loadu_ps(neg + 16 * c);
   }
-  const int64_t page_elements = static_cast<int64_t>(s.slots) * kD;
+  const int64_t page_elements = static_cast<int64_t>(s.slots) * kWidth;
   for (int c0 = 0; c0 < n_chunks; c0 += s.slots) {
     const int64_t offset = (s.table_row[c0 / s.slots] * s.Hkv + s.g) * page_elements;
     const int count = std::min(s.slots, n_chunks - c0);
     if (c0 + s.slots < n_chunks) {  // the next page's summaries: scattered blocks defeat the prefetcher
       const int64_t next = (s.table_row[c0 / s.slots + 1] * s.Hkv + s.g) * page_elements;
-      for (int64_t e = 0; e < page_elements; e += 32) {
+      for (int64_t e = 0; e < page_elements; e += 64 / sizeof(E)) {
         _mm_prefetch(reinterpret_cast<const char*>(kmin + next + e), _MM_HINT_T0);
         _mm_prefetch(reinterpret_cast<const char*>(kmax + next + e), _MM_HINT_T0);
       }
     }
     for (int slot = 0; slot < count; ++slot) {
-      const uint16_t* lo = kmin + offset + slot * kD;
-      const uint16_t* hi = kmax + offset + slot * kD;
-      __m512 acc = _mm512_mul_ps(widen_bf16x16(hi), p[0]);
-      acc = _mm512_fmadd_ps(widen_bf16x16(lo), q[0], acc);
+      const E* lo = kmin + offset + slot * kWidth;
+      const E* hi = kmax + offset + slot * kWidth;
+      __m512 upper = _mm512_mul_ps(widen_x16(hi), p[0]);
+      __m512 lower = _mm512_mul_ps(widen_x16(lo), q[0]);
       for (int c = 1; c < kD / 16; ++c) {
-        acc = _mm512_fmadd_ps(widen_bf16x16(hi + 16 * c), p[c], acc);
-        acc = _mm512_fmadd_ps(widen_bf16x16(lo + 16 * c), q[c], acc);
+        upper = _mm512_fmadd_ps(widen_x16(hi + 16 * c), p[c], upper);
+        lower = _mm512_fmadd_ps(widen_x16(lo + 16 * c), q[c], lower);
       }
-      scores[c0 + slot] = _mm512_reduce_add_ps(acc);
-    }
-  }
-}
-#endif
-
-#if defined(__x86_64__)
-ATTNSERVE_TARGET_AVX512 ATTNSERVE_INLINE __m512 widen_int8x16(const int8_t* x) {
-  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x))));
-}
-
-// int8 summaries, kD a multiple of 16: as the bf16 path, the row's two sums scaled at the end.
-template <int kD>
-ATTNSERVE_TARGET_AVX512 void landmark_scores_q8_avx512(const LandmarkScoring& s, const float* pos,
-                                                       const float* neg, int n_chunks, float* scores) {
-  constexpr int kWidth = kD + kQ8ScaleBytes;
-  const int8_t* kmin = static_cast<const int8_t*>(s.kmin);
-  const int8_t* kmax = static_cast<const int8_t*>(s.kmax);
-  __m512 p[kD / 16], q[kD / 16];
-  for (int c = 0; c < kD / 16; ++c) {
-    p[c] = _mm512_loadu_ps(pos + 16 * c);
-    q[c] = _mm512_loadu_ps(neg + 16 * c);
-  }
-  const int64_t page_bytes = static_cast<int64_t>(s.slots) * kWidth;
-  for (int c0 = 0; c0 < n_chunks; c0 += s.slots) {
-    const int64_t offset = (s.table_row[c0 / s.slots] * s.Hkv + s.g) * page_bytes;
-    const int count = std::min(s.slots, n_chunks - c0);
-    if (c0 + s.slots < n_chunks) {  // the next page's summaries: scattered blocks defeat the prefetcher
-      const int64_t next = (s.table_row[c0 / s.slots + 1] * s.Hkv + s.g) * page_bytes;
-      for (int64_t e = 0; e < page_bytes; e += 64) {
-        _mm_prefetch(reinterpret_cast<const char*>(kmin + next + e), _MM_HINT_T0);
-        _mm_prefetch(reinterpret_cast<const char*>(kmax + next + e), _MM_HINT_T0);
-      }
-    }
-    for (int slot = 0; slot < count; ++slot) {
-      const int8_t* lo = kmin + offset + slot * kWidth;
-      const int8_t* hi = kmax + offset + slot * kWidth;
-      __m512 upper = _mm512_mul_ps(widen_int8x16(hi), p[0]);
-      __m512 lower = _mm512_mul_ps(widen_int8x16(lo), q[0]);
-      for (int c = 1; c < kD / 16; ++c) {
-        upper = _mm512_fmadd_ps(widen_int8x16(hi + 16 * c), p[c], upper);
-        lower = _mm512_fmadd_ps(widen_int8x16(lo + 16 * c), q[c], lower);
-      }
-      scores[c0 + slot] = _mm512_reduce_add_ps(upper) * q8_scale(hi, kD) +
-                          _mm512_reduce_add_ps(lower) * q8_scale(lo, kD);
+      scores[c0 + slot] = _mm512_reduce_add_ps(upper) * row_scale(hi, kD) +
+                          _mm512_reduce_add_ps(lower) * row_scale(lo, kD);
     }
   }
 }
@@ -322,10 +289,10 @@ template <typename summary_t, int kD>
 LandmarkScoresFn pick_landmark_scores_isa() {
 #if defined(__x86_64__)
   if constexpr (std::is_same_v<summary_t, c10::BFloat16> && kD > 0 && kD % 16 == 0) {
-    if (cpu_isa() >= Isa::kAvx512) return landmark_scores_bf16_avx512<kD>;
+    if (cpu_isa() >= Isa::kAvx512) return landmark_scores_rows_avx512<uint16_t, kD>;
   }
   if constexpr (std::is_same_v<summary_t, int8_t> && kD > 0 && kD % 16 == 0) {
-    if (cpu_isa() >= Isa::kAvx512) return landmark_scores_q8_avx512<kD>;
+    if (cpu_isa() >= Isa::kAvx512) return landmark_scores_rows_avx512<int8_t, kD>;
   }
   switch (cpu_isa()) {
     case Isa::kAvx512Bf16:
