@@ -28,6 +28,7 @@ from torch import Tensor
 from strategies.base import (Budget, RowGroup, StepCount, StepRows, Strategy, StrategyParams, dense_indices,
                              group_rows_by, param, resolve_budget, split_rows)
 from strategies.full import run_prefill
+from strategies.reference import Q8_SCALE_BYTES
 from strategies.registry import register
 
 
@@ -122,7 +123,7 @@ class LandmarkStrategy(Strategy):
         found = self.summaries.get((chunk, layer))
         if found is None or found[0].shape[0] != num_blocks or found[0].device != key_cache.device \
                 or found[0].dtype != dtype:
-            shape = (num_blocks, hkv, page // chunk, d + 4 if int8_rows else d)
+            shape = (num_blocks, hkv, page // chunk, d + Q8_SCALE_BYTES if int8_rows else d)
             found = (torch.zeros(shape, dtype=dtype, device=key_cache.device),
                      torch.zeros(shape, dtype=dtype, device=key_cache.device))
             self.summaries[(chunk, layer)] = found

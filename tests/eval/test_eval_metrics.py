@@ -92,7 +92,6 @@ def test_budget_to_strategy_params():
     assert sw.nominal_fraction("landmark", {"k_blocks": 30, "dense_layers": 0}, 4096) == pytest.approx(0.125)
 
 
-
 @pytest.mark.parametrize("strategy,base", [("sink", {}), ("sink", {"n_sink": 64}), ("recycled", {}),
                                            ("recycled", {"stride": 50}), ("landmark", {}),
                                            ("landmark", {"dense_layers": 0, "block_size": 32}), ("seer", {})])
@@ -113,6 +112,7 @@ def test_params_for_fraction_of_dense_parts_alone_is_refused():
         sw.params_for_fraction("recycled", 0.05, 8000, base={"stride": 16})
     with pytest.raises(ValueError, match="dense layers"):
         sw.params_for_fraction("landmark", 0.05, 8000, base={"dense_layers": 2})
+
 
 def sweep_result() -> dict:
     def row(config, strategy, budget, length, agreement, frac, score=50.0, tpot=10.0):
