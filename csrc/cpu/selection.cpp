@@ -48,12 +48,24 @@ ATTNSERVE_INLINE void store_summary(float x, c10::BFloat16* out) { *out = c10::B
 // of q.k, as it is with exact summaries.
 constexpr int kQ8ScaleBytes = 4;
 
-ATTNSERVE_INLINE int summary_row_width(bool int8_rows, int D) { return int8_rows ? D + kQ8ScaleBytes : D; }
+ATTNSERVE_INLINE constexpr int summary_row_width(bool int8_rows, int D) {
+  return int8_rows ? D + kQ8ScaleBytes : D;
+}
+
+template <typename T>
+constexpr bool kInt8Rows = std::is_same_v<T, int8_t>;
 
 ATTNSERVE_INLINE float q8_scale(const int8_t* row, int D) {
   float scale;
   std::memcpy(&scale, row + D, sizeof(float));
   return scale;
+}
+
+// What a row's values are multiplied by: its scale for int8 rows, 1 otherwise.
+template <typename T>
+ATTNSERVE_INLINE float row_scale(const T* row, int D) {
+  if constexpr (kInt8Rows<T>) return q8_scale(row, D);
+  else return 1.f;
 }
 
 void store_q8_row(const float* x, int D, bool round_up, int8_t* out) {
@@ -77,7 +89,7 @@ void summarise_chunks(const at::Tensor& key_cache, const std::vector<Chunk>& chu
   const int Hkv = key_cache.size(1), page = key_cache.size(2), D = key_cache.size(3);
   const int slots = page / chunk;
   // seer: (max, min, mean) in one row; landmark: D, or D int8 + their scale
-  const int width = kmean ? 3 * D : summary_row_width(std::is_same_v<out_t, int8_t>, D);
+  const int width = kmean ? 3 * D : summary_row_width(kInt8Rows<out_t>, D);
   const int n = chunks.size();
   const int threads = threads_for((int64_t)n * Hkv * chunk * D * 3);
 #pragma omp parallel for schedule(dynamic, 4) num_threads(threads)
@@ -102,7 +114,7 @@ void summarise_chunks(const at::Tensor& key_cache, const std::vector<Chunk>& chu
         out[D + d] = lo[d];
         out[2 * D + d] = sum[d] * inv;
       }
-    } else if constexpr (std::is_same_v<out_t, int8_t>) {
+    } else if constexpr (kInt8Rows<out_t>) {
       store_q8_row(lo.data(), D, false, kmin + offset);
       store_q8_row(hi.data(), D, true, kmax + offset);
     } else {
@@ -158,53 +170,29 @@ ATTNSERVE_INLINE float summary_value(const float* p, int d) { return p[d]; }
 ATTNSERVE_INLINE float summary_value(const c10::BFloat16* p, int d) {
   return bits_to_float(static_cast<uint32_t>(reinterpret_cast<const uint16_t*>(p)[d]) << 16);
 }
+ATTNSERVE_INLINE float summary_value(const int8_t* p, int d) { return static_cast<float>(p[d]); }
 
-// Page by page (one block-table lookup per page, its chunks' summaries contiguous).
-template <int kD>
-ATTNSERVE_INLINE void landmark_scores_q8_body(const LandmarkScoring& s, const float* pos,
-                                              const float* neg, int n_chunks, float* scores) {
-  const int D = kD > 0 ? kD : s.D;
-  const int width = D + kQ8ScaleBytes;
-  const int8_t* kmin = static_cast<const int8_t*>(s.kmin);
-  const int8_t* kmax = static_cast<const int8_t*>(s.kmax);
-  for (int c0 = 0; c0 < n_chunks; c0 += s.slots) {
-    const int64_t offset = (s.table_row[c0 / s.slots] * s.Hkv + s.g) * s.slots * width;
-    for (int slot = 0; slot < std::min(s.slots, n_chunks - c0); ++slot) {
-      const int8_t* lo = kmin + offset + slot * width;
-      const int8_t* hi = kmax + offset + slot * width;
-      float upper = 0.f, lower = 0.f;
-#pragma omp simd reduction(+ : upper, lower)
-      for (int d = 0; d < D; ++d) {
-        upper += static_cast<float>(hi[d]) * pos[d];
-        lower += static_cast<float>(lo[d]) * neg[d];
-      }
-      scores[c0 + slot] = upper * q8_scale(hi, D) + lower * q8_scale(lo, D);
-    }
-  }
-}
-
+// Page by page (one block-table lookup per page, its chunks' summaries contiguous); the kmax . P and
+// kmin . N sums are scaled by their rows' scales (1 but for int8 rows) at the end.
 template <typename summary_t, int kD>
 ATTNSERVE_INLINE void landmark_scores_body(const LandmarkScoring& s, const float* pos,
                                            const float* neg, int n_chunks, float* scores) {
-  if constexpr (std::is_same_v<summary_t, int8_t>) {
-    landmark_scores_q8_body<kD>(s, pos, neg, n_chunks, scores);
-  } else {
-    const int D = kD > 0 ? kD : s.D;
-    const summary_t* kmin = static_cast<const summary_t*>(s.kmin);
-    const summary_t* kmax = static_cast<const summary_t*>(s.kmax);
-    for (int c0 = 0; c0 < n_chunks; c0 += s.slots) {
-      const int64_t block = s.table_row[c0 / s.slots];
-      const int64_t offset = (block * s.Hkv + s.g) * s.slots * D;
-      for (int slot = 0; slot < std::min(s.slots, n_chunks - c0); ++slot) {
-        const summary_t* lo = kmin + offset + slot * D;
-        const summary_t* hi = kmax + offset + slot * D;
-        float score = 0.f;
-#pragma omp simd reduction(+ : score)
-        for (int d = 0; d < D; ++d) {
-          score += summary_value(hi, d) * pos[d] + summary_value(lo, d) * neg[d];
-        }
-        scores[c0 + slot] = score;
+  const int D = kD > 0 ? kD : s.D;
+  const int width = summary_row_width(kInt8Rows<summary_t>, D);
+  const summary_t* kmin = static_cast<const summary_t*>(s.kmin);
+  const summary_t* kmax = static_cast<const summary_t*>(s.kmax);
+  for (int c0 = 0; c0 < n_chunks; c0 += s.slots) {
+    const int64_t offset = (s.table_row[c0 / s.slots] * s.Hkv + s.g) * s.slots * width;
+    for (int slot = 0; slot < std::min(s.slots, n_chunks - c0); ++slot) {
+      const summary_t* lo = kmin + offset + slot * width;
+      const summary_t* hi = kmax + offset + slot * width;
+      float upper = 0.f, lower = 0.f;
+#pragma omp simd reduction(+ : upper, lower)
+      for (int d = 0; d < D; ++d) {
+        upper += summary_value(hi, d) * pos[d];
+        lower += summary_value(lo, d) * neg[d];
       }
+      scores[c0 + slot] = upper * row_scale(hi, D) + lower * row_scale(lo, D);
     }
   }
 }
@@ -237,20 +225,19 @@ ATTNSERVE_TARGET_AVX512 void landmark_scores_avx512(const LandmarkScoring& s, co
 ATTNSERVE_TARGET_AVX512 ATTNSERVE_INLINE __m512 widen_x16(const uint16_t* x) {
   return bf16x16_to_fp32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x)));
 }
+// (gcc 12 warns, where widen_x16 is inlined, about the intrinsics' own _mm512_undefined_* placeholders)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 ATTNSERVE_TARGET_AVX512 ATTNSERVE_INLINE __m512 widen_x16(const int8_t* x) {
   return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x))));
 }
-ATTNSERVE_INLINE constexpr int row_extra(const uint16_t*) { return 0; }
-ATTNSERVE_INLINE constexpr int row_extra(const int8_t*) { return kQ8ScaleBytes; }
-ATTNSERVE_INLINE float row_scale(const uint16_t*, int) { return 1.f; }
-ATTNSERVE_INLINE float row_scale(const int8_t* row, int D) { return q8_scale(row, D); }
 
 // bf16 (E = uint16_t) or int8 (E = int8_t) summaries, kD a multiple of 16: 16 dims per step, the
 // kmax . P and kmin . N sums scaled by their rows' scales (1 for bf16) at the end.
 template <typename E, int kD>
 ATTNSERVE_TARGET_AVX512 void landmark_scores_rows_avx512(const LandmarkScoring& s, const float* pos,
                                                          const float* neg, int n_chunks, float* scores) {
-  constexpr int kWidth = kD + row_extra(static_cast<const E*>(nullptr));
+  constexpr int kWidth = summary_row_width(kInt8Rows<E>, kD);
   const E* kmin = static_cast<const E*>(s.kmin);
   const E* kmax = static_cast<const E*>(s.kmax);
   __m512 p[kD / 16], q[kD / 16];
@@ -283,16 +270,16 @@ ATTNSERVE_TARGET_AVX512 void landmark_scores_rows_avx512(const LandmarkScoring& 
     }
   }
 }
+#pragma GCC diagnostic pop
 #endif
 
 template <typename summary_t, int kD>
 LandmarkScoresFn pick_landmark_scores_isa() {
 #if defined(__x86_64__)
-  if constexpr (std::is_same_v<summary_t, c10::BFloat16> && kD > 0 && kD % 16 == 0) {
-    if (cpu_isa() >= Isa::kAvx512) return landmark_scores_rows_avx512<uint16_t, kD>;
-  }
-  if constexpr (std::is_same_v<summary_t, int8_t> && kD > 0 && kD % 16 == 0) {
-    if (cpu_isa() >= Isa::kAvx512) return landmark_scores_rows_avx512<int8_t, kD>;
+  constexpr bool bf16 = std::is_same_v<summary_t, c10::BFloat16>;
+  if constexpr ((bf16 || kInt8Rows<summary_t>) && kD > 0 && kD % 16 == 0) {
+    using Element = std::conditional_t<bf16, uint16_t, summary_t>;  // bf16 as its bits
+    if (cpu_isa() >= Isa::kAvx512) return landmark_scores_rows_avx512<Element, kD>;
   }
   switch (cpu_isa()) {
     case Isa::kAvx512Bf16:
