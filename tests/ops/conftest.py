@@ -2,6 +2,7 @@
 [num_blocks, Hkv, page, 2 * D] viewed as K / V halves, with shuffled block tables."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytest
@@ -50,42 +51,44 @@ def make_paged_kv(seq_lens: list[int], num_kv_heads: int, head_size: int, page: 
     return PagedKV(key_cache, value_cache, table, torch.tensor(seq_lens, dtype=torch.int32), page)
 
 
-def run_indices(seq_lens: list[int], num_kv_heads: int, budget: int, run: int, shuffle_runs: bool,
-                seed: int = 0):
-    """Per (b, g): runs of up to `run` consecutive positions (anywhere, so they cross pages), distinct,
-    up to `budget` positions: landmark's chunks, sink's window, recycled's buffer."""
+def packed_indices(seq_lens: list[int], num_kv_heads: int, budget: int, seed: int,
+                   positions: Callable[[int, torch.Generator], list[int] | torch.Tensor]):
+    """`positions(seq_len, generator)` for every (b, g), packed -> (token_idx [B, G, K], num_idx
+    [B, G]) with K = min(budget, longest sequence)."""
     generator = torch.Generator().manual_seed(seed)
     K = max(1, min(budget, max(seq_lens)))
     token_idx = torch.zeros(len(seq_lens), num_kv_heads, K, dtype=torch.int32)
     num_idx = torch.zeros(len(seq_lens), num_kv_heads, dtype=torch.int32)
     for b, n in enumerate(seq_lens):
         for g in range(num_kv_heads):
-            starts = torch.randperm(n, generator=generator)[: max(1, budget // run)].sort().values.tolist()
-            chosen: list[int] = []
-            for start in starts:
-                chosen.extend(t for t in range(start, min(n, start + run)) if not chosen or t > chosen[-1])
-            chosen = chosen[:min(budget, n)]
-            if shuffle_runs:    # the runs in random order, each run still ascending
-                pieces = [chosen[i:i + run] for i in range(0, len(chosen), run)]
-                order = torch.randperm(len(pieces), generator=generator).tolist()
-                chosen = [t for i in order for t in pieces[i]]
-            token_idx[b, g, :len(chosen)] = torch.tensor(chosen, dtype=torch.int32)
+            chosen = torch.as_tensor(positions(n, generator), dtype=torch.int32)
+            token_idx[b, g, :len(chosen)] = chosen
             num_idx[b, g] = len(chosen)
     return token_idx, num_idx
 
 
+def run_indices(seq_lens: list[int], num_kv_heads: int, budget: int, run: int, shuffle_runs: bool,
+                seed: int = 0):
+    """Per (b, g): runs of up to `run` consecutive positions (anywhere, so they cross pages), distinct,
+    up to `budget` positions: landmark's chunks, sink's window, recycled's buffer."""
+    def positions(n: int, generator: torch.Generator) -> list[int]:
+        starts = torch.randperm(n, generator=generator)[: max(1, budget // run)].sort().values.tolist()
+        chosen: list[int] = []
+        for start in starts:
+            chosen.extend(t for t in range(start, min(n, start + run)) if not chosen or t > chosen[-1])
+        chosen = chosen[:min(budget, n)]
+        if shuffle_runs:    # the runs in random order, each run still ascending
+            pieces = [chosen[i:i + run] for i in range(0, len(chosen), run)]
+            order = torch.randperm(len(pieces), generator=generator).tolist()
+            chosen = [t for i in order for t in pieces[i]]
+        return chosen
+    return packed_indices(seq_lens, num_kv_heads, budget, seed, positions)
+
+
 def random_indices(seq_lens: list[int], num_kv_heads: int, budget: int, seed: int = 0):
     """Per (b, g): min(budget, seq_len) distinct positions in random order -> (token_idx, num_idx)."""
-    generator = torch.Generator().manual_seed(seed)
-    K = max(1, min(budget, max(seq_lens)))
-    token_idx = torch.zeros(len(seq_lens), num_kv_heads, K, dtype=torch.int32)
-    num_idx = torch.zeros(len(seq_lens), num_kv_heads, dtype=torch.int32)
-    for b, n in enumerate(seq_lens):
-        for g in range(num_kv_heads):
-            count = min(budget, n)
-            token_idx[b, g, :count] = torch.randperm(n, generator=generator)[:count].to(torch.int32)
-            num_idx[b, g] = count
-    return token_idx, num_idx
+    return packed_indices(seq_lens, num_kv_heads, budget, seed,
+                          lambda n, generator: torch.randperm(n, generator=generator)[:budget])
 
 
 def cpu_isa_levels() -> tuple[str, ...]:
