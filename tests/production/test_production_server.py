@@ -242,14 +242,13 @@ HELD_MAX_TOKENS = MAX_TOKENS_LIMIT - 24  # seconds of generation here; within th
 HOLD_ATTEMPTS = 3
 
 
-def hold_streams(http: httpx.Client, base_url: str, count: int,
-                 max_tokens: int = HELD_MAX_TOKENS) -> list[HeldStream]:
+def hold_streams(http: httpx.Client, base_url: str, count: int) -> list[HeldStream]:
     """`count` streamed completions, each read up to its first token and then held, all of them
     still in flight on return (checked on /metrics). A held request keeps generating (the kernel's
     socket buffers take its unread tokens), so a machine that stalls the test for as long as a
     whole generation takes could let one run to its end before the last has started: then the
     streams are finished and held again, up to HOLD_ATTEMPTS times."""
-    body = completion(prompt="Once upon a time", max_tokens=max_tokens, ignore_eos=True,
+    body = completion(prompt="Once upon a time", max_tokens=HELD_MAX_TOKENS, ignore_eos=True,
                       stream=True)
     in_flight = 0.0
     for _ in range(HOLD_ATTEMPTS):
