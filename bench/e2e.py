@@ -38,10 +38,11 @@ from pathlib import Path
 import httpx
 
 from bench.client import stop_process_group, wait_healthy
+from server.model import embedded_model_dir
 from bench.sweep import nominal_fraction, params_for_fraction
 
 REPO = Path(__file__).resolve().parents[1]
-MODEL_DIR = Path("~/.cache/attnserve/models/SmolLM2-135M-Instruct").expanduser()
+MODEL_DIR = embedded_model_dir()
 TEXT_FILES = [Path("/usr/share/common-licenses/GPL-3"), Path("/usr/share/common-licenses/GFDL-1.3"),
               Path("/usr/share/common-licenses/Apache-2.0")]
 

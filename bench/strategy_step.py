@@ -12,16 +12,16 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 import torch
 
 from bench.kernels import D, DTYPE, HKV, HQ, PAGE, vllm_decode
 from strategies import ops
 from strategies.base import ModelFacts, StepRows
+from server.model import embedded_model_dir
 from strategies.registry import get as get_strategy
 
-MODEL_DIR = Path("~/.cache/attnserve/models/SmolLM2-135M-Instruct").expanduser()
+MODEL_DIR = embedded_model_dir()
 LAYERS = 30
 
 

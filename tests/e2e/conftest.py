@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-MODEL_DIR = Path("~/.cache/attnserve/models/SmolLM2-135M-Instruct").expanduser()
+from server.model import embedded_model_dir
+
 TEXT_FILE = Path("/usr/share/common-licenses/GPL-3")
 PAGE = 32
 
@@ -44,7 +45,7 @@ class Engine:
 
 
 def _text_tokens(tokenizer) -> list[int]:
-    text = TEXT_FILE.read_text() if TEXT_FILE.exists() else (MODEL_DIR / "tokenizer.json").read_text()
+    text = TEXT_FILE.read_text() if TEXT_FILE.exists() else (embedded_model_dir() / "tokenizer.json").read_text()
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
@@ -59,7 +60,7 @@ def engine(tmp_path_factory: pytest.TempPathFactory):
     try:
         # Pages of 32 tokens (CPU pages are multiples of 32) keep sink's window test short; a token
         # budget that holds the mixed batch's prompts in one step (no chunked prefill in the comparison).
-        llm = LLM(model=str(MODEL_DIR), enforce_eager=True, max_model_len=4096, kv_cache_memory_bytes=1 << 30,
+        llm = LLM(model=str(embedded_model_dir()), enforce_eager=True, max_model_len=4096, kv_cache_memory_bytes=1 << 30,
                   max_num_seqs=16, max_num_batched_tokens=8192, block_size=PAGE, seed=0,
                   disable_log_stats=False)
     finally:

@@ -10,7 +10,8 @@ import os
 import pytest
 import torch
 
-from tests.e2e.conftest import MODEL_DIR, _text_tokens
+from server.model import embedded_model_dir
+from tests.e2e.conftest import _text_tokens
 
 
 def _cuda_vllm() -> bool:
@@ -34,7 +35,7 @@ def cuda_llm():
     saved = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     try:
-        llm = LLM(model=str(MODEL_DIR), attention_backend="CUSTOM", enforce_eager=True, max_model_len=4096,
+        llm = LLM(model=str(embedded_model_dir()), attention_backend="CUSTOM", enforce_eager=True, max_model_len=4096,
                   gpu_memory_utilization=0.3, max_num_seqs=16, max_num_batched_tokens=8192, block_size=16,
                   seed=0, dtype="bfloat16")
     finally:

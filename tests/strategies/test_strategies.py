@@ -315,9 +315,9 @@ def test_embedded_model_shapes_one_step(gates_dir):
     """The served model's facts (30 layers, 9 q / 3 kv heads, head 64, vLLM CPU page 128), bf16 cache:
     a decode step of every strategy at default params (seer: identity gates) is finite and touches
     fewer tokens than dense where the budget is below the context."""
-    from pathlib import Path
+    from server.model import embedded_model_dir
     from strategies.base import ModelFacts, StepRows
-    model_dir = Path("~/.cache/attnserve/models/SmolLM2-135M-Instruct").expanduser()
+    model_dir = embedded_model_dir()
     if (model_dir / "config.json").is_file():
         model = ModelFacts.from_model_dir(model_dir)
     else:   # the same facts, written out (the model folder is made by `make model`)
