@@ -133,12 +133,15 @@ def extra_args_for(choice: Any) -> dict[str, Any]:
     return {EXTRA_ARGS_ATTENTION: choice.to_extra_args()}
 
 
-def read_attended_fraction(engine_ids: list[str], strategy: str) -> float | None:
-    """attended / total KV tokens over the request's engine requests (the ids given to
-    `AsyncLLM.generate`), from the workers' stats; None while unknown (1.0 for `full`)."""
+def read_attended_fractions(engine_ids: list[str], strategy: str) -> tuple[float | None, float | None]:
+    """(attended / total (query, key) pairs of all steps, the same of the decode steps alone) over the
+    request's engine requests (the ids given to `AsyncLLM.generate`), from the workers' stats; None
+    while unknown (1.0 for `full`)."""
     from strategies import stats
+    from strategies.base import AttentionUsage
+    from strategies.full import FullStrategy
 
-    attended = total = 0.0
+    usage = AttentionUsage()
     for engine_id in engine_ids:
         try:
             record = stats.read_stats(engine_id)
@@ -146,18 +149,19 @@ def read_attended_fraction(engine_ids: list[str], strategy: str) -> float | None
         except OSError:
             record = None
         if record:
-            attended += float(record.get("attended", record.get("attended_tokens", 0.0)))
-            total += float(record.get("total", record.get("total_tokens", 0.0)))
-    if total > 0:
-        return attended / total
-    return 1.0 if strategy == "full" else None
+            usage += AttentionUsage(**{k: float(record[k]) for k in usage.to_dict()})
+    if usage.total > 0:
+        return usage.attended_fraction, usage.decode_attended_fraction
+    return (1.0, 1.0) if strategy == FullStrategy.name else (None, None)
 
 
 def attention_report(choice: Any, engine_ids: list[str]) -> dict[str, Any]:
     """The `attention` object returned next to `usage`."""
     extra = choice.to_extra_args()
+    overall, decode = read_attended_fractions(engine_ids, extra["strategy"])
     return {
         "strategy": extra["strategy"],
         "params": extra.get("params", {}),
-        "attended_fraction": read_attended_fraction(engine_ids, extra["strategy"]),
+        "attended_fraction": overall,
+        "decode_attended_fraction": decode,
     }

@@ -39,7 +39,7 @@ from vllm.v1.attention.backends.cpu_attn import (
 )
 
 from strategies import stats as stats_io
-from strategies.base import ModelFacts, StepRows, Strategy
+from strategies.base import AttentionUsage, ModelFacts, StepRows, Strategy, step_pairs
 
 logger = logging.getLogger(__name__)
 
@@ -117,10 +117,12 @@ class Router:
         self.model: Optional[ModelFacts] = None
         self.strategies: dict[str, Strategy] = {}     # name -> instance, created lazily
         self.choices: dict[str, Any] = {}             # request id -> AttentionChoice
-        self.dense_counts: dict[str, list[float]] = {}   # request id -> [attended, total] of dense decode
+        self.dense_usage: dict[str, AttentionUsage] = {}   # request id -> its rows run by vLLM's kernel
         self.recently_released: deque[str] = deque(maxlen=4096)
         self.stats: Optional[stats_io.StatsWriter] = None
         self.tracked_changed = False
+        self.unavailable: Optional[str] = None        # why no strategy but full can run in this worker
+        self.unroutable_steps = 0
 
     # -- set-up (worker) -----------------------------------------------------------------------
     def attach(self, vllm_config: Any, block_size: int) -> None:
@@ -128,9 +130,11 @@ class Router:
             return
         mc, pc = vllm_config.model_config, vllm_config.parallel_config
         self.model = ModelFacts(
-            num_layers=mc.get_num_layers(pc), num_q_heads=mc.get_num_attention_heads(pc),
+            num_layers=mc.get_total_num_hidden_layers(), num_q_heads=mc.get_num_attention_heads(pc),
             num_kv_heads=mc.get_num_kv_heads(pc), head_size=mc.get_head_size(),
-            kv_block_size=block_size, max_model_len=mc.max_model_len, dtype=mc.dtype, model_id=mc.model)
+            kv_block_size=block_size, max_model_len=mc.max_model_len, dtype=mc.dtype, model_id=mc.model,
+            tp_rank=pc.rank % pc.tensor_parallel_size, tp_size=pc.tensor_parallel_size,   # ranks: DP x PP x TP
+            layers=mc.get_layers_start_end_indices(pc))
         self.stats = stats_io.StatsWriter.for_this_worker()
         install_runner_hook()
 
@@ -153,9 +157,12 @@ class Router:
             sp = getattr(state, "sampling_params", None)
             choice = AttentionChoice.from_extra_args(getattr(sp, "extra_args", None))
             try:   # the server validated already; a request that slipped through must not stop the engine
+                if self.unavailable is not None and choice.strategy != FULL:
+                    raise ValueError(self.unavailable)
                 registry.get(choice.strategy).validate_for_model(choice.params, self.model)
             except ValueError as error:
-                logger.warning("request %s: %s; running it with full attention", request_id, error)
+                logger.warning("request %s asked for %r: %s; running it with full attention",
+                               request_id, choice.strategy, error)
                 choice = AttentionChoice.default()
             self.choices[request_id] = choice
             self.tracked_changed = True
@@ -185,7 +192,7 @@ class Router:
         if choice is None:
             return
         self.tracked_changed = True
-        self.dense_counts.pop(request_id, None)
+        self.dense_usage.pop(request_id, None)
         strategy = self.strategies.get(choice.strategy)
         if strategy is not None:
             strategy.release(request_id)
@@ -200,23 +207,46 @@ class Router:
         if runner is None:
             return None
         batch = runner.input_batch
-        if batch.num_reqs != num_reqs:
-            return None
-        ids = batch.req_ids[:num_reqs]
-        if any(i is None or i not in runner.requests for i in ids):
+        ids = batch.req_ids[:num_reqs] if batch.num_reqs == num_reqs else None
+        if ids is None or any(i is None or i not in runner.requests for i in ids):
+            if runner.requests:
+                self.report_unroutable_step(num_reqs, batch.num_reqs)
             return None
         return ids
 
-    def totals(self, request_id: str, strategy_name: str) -> tuple[float, float]:
-        attended = total = 0.0
-        dense = self.dense_counts.get(request_id)
-        if dense is not None:
-            attended, total = attended + dense[0], total + dense[1]
+    def report_unroutable_step(self, num_reqs: int, batch_rows: int) -> None:
+        """A step of real requests whose rows cannot be told apart runs vLLM's dense kernel for every row:
+        sparse requests get full attention for that step, and a ``sink`` request's released blocks may
+        be read. Should never happen; said loudly (the first time and every 100th) so it is seen."""
+        self.unroutable_steps += 1
+        if self.unroutable_steps % 100 != 1:
+            return
+        from strategies import registry
+
+        sparse = sorted({c.strategy for c in self.choices.values() if c.strategy != FULL})
+        releasing = [n for n in sparse if registry.get(n).releases_kv]
+        logger.error("attnserve: a step of %d rows does not match the batch (%d rows; %d such steps so far): "
+                     "every row runs full attention this step%s%s", num_reqs, batch_rows, self.unroutable_steps,
+                     f"; requests of {', '.join(sparse)} are in flight" if sparse else "",
+                     f"; the KV blocks released by {', '.join(releasing)} may be read" if releasing else "")
+
+    def count_dense(self, request_id: str, query_len: int, seq_len: int) -> None:
+        """A row run by vLLM's own kernel attends every (query, key) pair of its step."""
+        pairs = step_pairs(query_len, seq_len)
+        self.dense_usage.setdefault(request_id, AttentionUsage()).add(pairs, pairs, query_len == 1)
+
+    def usage(self, request_id: str, strategy_name: str) -> AttentionUsage:
+        """The request's dense rows (vLLM's kernel) and its strategy's own rows, together."""
+        usage = AttentionUsage()
+        usage += self.dense_usage.get(request_id, AttentionUsage())
         strategy = self.strategies.get(strategy_name)
         if strategy is not None and strategy_name != FULL:
-            s = strategy.stats(request_id)
-            attended, total = attended + s["attended"], total + s["total"]
-        return attended, total
+            usage += strategy.stats(request_id)
+        return usage
+
+    def is_last_layer(self, layer_index: int) -> bool:
+        """The last layer this worker runs (its pipeline stage's), after which the step is finished."""
+        return layer_index == self.model.layer_range[1] - 1
 
     def finish_step(self, meta: RoutedMetadata) -> None:
         for group in meta.groups:
@@ -226,8 +256,8 @@ class Router:
                 choice = self.choices.get(request_id)
                 if choice is None:
                     continue
-                attended, total = self.totals(request_id, name)
-                self.stats.write(request_id, choice.strategy, choice.params.to_dict(), attended, total)
+                self.stats.write(request_id, choice.strategy, choice.params.to_dict(),
+                                 self.usage(request_id, name))
 
     # -- debug -----------------------------------------------------------------------------------
     def live_state(self) -> dict:
@@ -238,7 +268,7 @@ class Router:
             for value in vars(strategy).values():
                 if isinstance(value, dict):
                     leaked += sum(1 for k in value if isinstance(k, str) and k in released)
-        leaked += sum(1 for k in self.dense_counts if k not in self.choices)
+        leaked += sum(1 for k in self.dense_usage if k not in self.choices)
         return {"pid": os.getpid(), "tracked": len(self.choices), "leaked": leaked,
                 "per_strategy": {n: sum(1 for c in self.choices.values() if c.strategy == n)
                                  for n in self.strategies}}
@@ -301,14 +331,9 @@ class RoutingBuilderMixin:
             choice = ROUTER.choice(request_id)
             name = choice.strategy
             stats_rows.append((request_id, name))
-            if name == FULL:
+            if name == FULL or (prefilling[row] and ROUTER.strategy(name).dense_prefill):
                 dense_rows.append(row)
-                if query_lens[row] == 1:   # full decode: attended = total = the KV length
-                    counts = ROUTER.dense_counts.setdefault(request_id, [0.0, 0.0])
-                    counts[0] += float(seq_lens[row])
-                    counts[1] += float(seq_lens[row])
-            elif prefilling[row] and ROUTER.strategy(name).dense_prefill:
-                dense_rows.append(row)
+                ROUTER.count_dense(request_id, int(query_lens[row]), int(seq_lens[row]))
             else:
                 routed.setdefault(name, []).append(row)
 
@@ -401,7 +426,7 @@ class RoutingImplMixin:
     def _after_layer(self, layer, meta: RoutedMetadata) -> None:
         if self.layer_index is None:
             self.layer_index = _layer_index(layer)
-        if self.layer_index == ROUTER.model.num_layers - 1:
+        if ROUTER.is_last_layer(self.layer_index):
             ROUTER.finish_step(meta)
 
 
@@ -409,8 +434,35 @@ class RoutingImplMixin:
 # CPU backend
 # --------------------------------------------------------------------------------------------------
 
+# vLLM CPU attention ISAs whose KV cache layout the strategies read (strategy_cache_views).
+READABLE_CPU_ATTENTION_ISAS = ("vec", "vec16")
+
+
+def readable_cpu_attention_isa(vllm_isa: str, x86: bool) -> Optional[str]:
+    """The CPU attention ISA to run: vLLM's choice when the strategies read its cache layout; on x86,
+    'vec' in place of another (AMX machines: vLLM picks 'amx' for bf16, whose K layout is tiled), since
+    vLLM's 'vec' kernels run on every x86 CPU; None where no readable layout exists (ARM's 'neon', ...)."""
+    if vllm_isa in READABLE_CPU_ATTENTION_ISAS:
+        return vllm_isa
+    return "vec" if x86 else None
+
+
 class RoutingCPUMetadataBuilder(RoutingBuilderMixin, CPUAttentionMetadataBuilder):
-    pass
+    def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        from vllm.platforms import CpuArchEnum, current_platform
+
+        readable = readable_cpu_attention_isa(self.isa, current_platform.get_cpu_architecture() == CpuArchEnum.X86)
+        if readable is None:
+            ROUTER.unavailable = (f"vLLM's CPU attention on this machine ({self.isa!r}) keeps the KV cache in a "
+                                  f"layout attnserve's strategies cannot read; only full attention runs here")
+            logger.error("attnserve: %s", ROUTER.unavailable)
+        elif readable != self.isa:
+            logger.warning("attnserve: vLLM's CPU attention uses %r instead of %r on this machine, so that the "
+                           "strategies can read its KV cache (full attention runs vLLM's %r kernel, slower "
+                           "than %r)", readable, self.isa, readable, self.isa)
+            self.isa = readable
+            self._set_isa_to_layers(layer_names)
 
 
 class RoutingCPUImpl(RoutingImplMixin, CPUAttentionBackendImpl):

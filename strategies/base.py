@@ -225,7 +225,11 @@ class StrategyParams:
 
 @dataclass(frozen=True)
 class ModelFacts:
-    """From vLLM's config in the worker; from the model config in tests."""
+    """From vLLM's config in the worker; from the model config in tests and in the API process.
+
+    In a worker of a parallel engine the head counts are this tensor-parallel rank's share (heads
+    ``[tp_rank * num_q_heads, (tp_rank + 1) * num_q_heads)`` of the model's) and ``layers`` is the
+    pipeline stage's range of layer indices; ``num_layers`` is always the whole model's."""
     num_layers: int
     num_q_heads: int
     num_kv_heads: int
@@ -234,10 +238,31 @@ class ModelFacts:
     max_model_len: int
     dtype: torch.dtype
     model_id: str
+    tp_rank: int = 0
+    tp_size: int = 1
+    layers: Optional[tuple[int, int]] = None    # [first, end) run here; None: all of them
 
     @property
     def group_size(self) -> int:
         return self.num_q_heads // self.num_kv_heads
+
+    @property
+    def layer_range(self) -> tuple[int, int]:
+        return self.layers if self.layers is not None else (0, self.num_layers)
+
+    def whole_model(self) -> "ModelFacts":
+        """The same facts for the whole model (all heads, all layers), as a gate file describes it.
+        Tensor parallelism splits the KV heads evenly (vLLM replicates them only when there are fewer
+        KV heads than ranks, which strategies needing whole groups refuse)."""
+        return dataclasses.replace(self, num_q_heads=self.num_q_heads * self.tp_size,
+                                   num_kv_heads=self.num_kv_heads * self.tp_size, tp_rank=0, tp_size=1,
+                                   layers=None)
+
+    @property
+    def local_layers(self) -> int:
+        """Layers this worker runs: its per-request counts are means over these."""
+        first, end = self.layer_range
+        return end - first
 
     @classmethod
     def from_model_dir(cls, path: Union[str, Path], kv_block_size: int = 128,
@@ -374,6 +399,46 @@ def causal_pairs(context_len: int, seq_len: int) -> int:
     return sum(range(context_len + 1, seq_len + 1))
 
 
+def step_pairs(query_len: int, seq_len: int) -> float:
+    """(query, key) pairs of a dense step of ``query_len`` new tokens ending at ``seq_len``."""
+    return float(seq_len) if query_len == 1 else float(causal_pairs(seq_len - query_len, seq_len))
+
+
+@dataclass
+class AttentionUsage:
+    """Attended / total (query, key) pairs of one request, means over layers and KV heads: all its
+    steps, and its decode steps alone (one query each) — the share a budget is about."""
+    attended: float = 0.0
+    total: float = 0.0
+    decode_attended: float = 0.0
+    decode_total: float = 0.0
+
+    def add(self, attended: float, total: float, decode: bool) -> None:
+        self.attended += attended
+        self.total += total
+        if decode:
+            self.decode_attended += attended
+            self.decode_total += total
+
+    def __iadd__(self, other: "AttentionUsage") -> "AttentionUsage":
+        for name in ("attended", "total", "decode_attended", "decode_total"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        return self
+
+    @property
+    def attended_fraction(self) -> float:
+        return self.attended / self.total if self.total else 1.0
+
+    @property
+    def decode_attended_fraction(self) -> Optional[float]:
+        """None before the first decode step."""
+        return self.decode_attended / self.decode_total if self.decode_total else None
+
+    def to_dict(self) -> dict:
+        return {"attended": self.attended, "total": self.total, "decode_attended": self.decode_attended,
+                "decode_total": self.decode_total}
+
+
 @dataclass
 class StepCount:
     """Attended / total KV tokens of a step per row, summed into the strategy's stats at finish_step.
@@ -383,6 +448,7 @@ class StepCount:
     request_ids: list[str]
     total: list[float]
     attended: Tensor          # fp64 [n], summed over layers, mean over KV heads
+    decode: list[bool] = field(default_factory=list)          # the row is a decode step (one query)
     attended_host: list[float] = field(default_factory=list)   # the same, for counts known in python
 
     def add_host(self, row: int, tokens: float) -> None:
@@ -398,12 +464,12 @@ class Strategy:
     Params: ClassVar[type[StrategyParams]]
     description: ClassVar[str]
     dense_prefill: ClassVar[bool] = True    # True: prefill rows may go to vLLM's own dense kernel
+    releases_kv: ClassVar[bool] = False     # True: KV blocks it never reads again go back to vLLM's pool
 
     def __init__(self, model: ModelFacts):
         self.model = model
         self.scale = model.head_size ** -0.5
-        self._attended: dict[str, float] = {}
-        self._total: dict[str, float] = {}
+        self.usage: dict[str, AttentionUsage] = {}
 
     # -- capability checks -------------------------------------------------------------------
     @classmethod
@@ -434,9 +500,8 @@ class Strategy:
         attended = count.attended.tolist()
         if count.attended_host:
             attended = [a + h for a, h in zip(attended, count.attended_host)]
-        for rid, att, tot in zip(count.request_ids, attended, count.total):
-            self._attended[rid] = self._attended.get(rid, 0.0) + att / self.model.num_layers
-            self._total[rid] = self._total.get(rid, 0.0) + tot
+        for rid, att, tot, decode in zip(count.request_ids, attended, count.total, count.decode):
+            self.usage.setdefault(rid, AttentionUsage()).add(att / self.model.local_layers, tot, decode)
 
     def reset(self, request_id: str) -> None:
         """The request's KV was dropped and will be recomputed (vLLM preemption): forget state derived
@@ -445,30 +510,20 @@ class Strategy:
     def release(self, request_id: str) -> None:
         """Drop every piece of state of ``request_id`` (including its stats: read them first)."""
         self.reset(request_id)
-        self._attended.pop(request_id, None)
-        self._total.pop(request_id, None)
+        self.usage.pop(request_id, None)
 
-    def stats(self, request_id: str) -> dict:
-        """Attended / total KV tokens summed over this request's steps so far (means over layers and
-        KV heads; prefill counts (query, key) pairs)."""
-        att = self._attended.get(request_id, 0.0)
-        tot = self._total.get(request_id, 0.0)
-        return {"attended": att, "total": tot, "attended_fraction": (att / tot) if tot else 1.0}
+    def stats(self, request_id: str) -> "AttentionUsage":
+        """What this strategy attended for ``request_id`` so far (its own steps only)."""
+        return self.usage.get(request_id, AttentionUsage())
 
     # -- helpers for subclasses --------------------------------------------------------------
     def new_count(self, rows: StepRows) -> StepCount:
-        total = []
-        for q, s in zip(rows.query_lens_cpu, rows.seq_lens_cpu):
-            total.append(float(s) if q == 1 else float(causal_pairs(s - q, s)))
+        total = [step_pairs(q, s) for q, s in zip(rows.query_lens_cpu, rows.seq_lens_cpu)]
         return StepCount(request_ids=list(rows.request_ids), total=total,
-                         attended=torch.zeros(rows.num_rows, dtype=torch.float64, device=rows.device))
+                         attended=torch.zeros(rows.num_rows, dtype=torch.float64, device=rows.device),
+                         decode=[q == 1 for q in rows.query_lens_cpu])
 
     @staticmethod
     def count_attended(count: StepCount, group: RowGroup, num_idx: Tensor) -> None:
         """Add the mean over KV heads of ``num_idx`` [n, Hkv] of a group's rows."""
         count.attended.index_add_(0, group.rows_t, num_idx.to(torch.float64).mean(dim=1))
-
-    @staticmethod
-    def count_dense(count: StepCount, group: RowGroup, per_row: list[float]) -> None:
-        count.attended.index_add_(0, group.rows_t, torch.tensor(per_row, dtype=torch.float64,
-                                                                device=count.attended.device))

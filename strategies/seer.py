@@ -19,6 +19,7 @@ per layer); a request remembers up to which token it has pooled.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import os
@@ -126,6 +127,15 @@ class SeerGates:
         values = {n: kinds.get(n, int)(meta[n]) for n in cls._META}
         return cls(**values, **{n: tensors[n].float() for n in cls._TENSORS})
 
+    def for_rank(self, model: ModelFacts) -> "SeerGates":
+        """The gates of the KV heads this tensor-parallel rank holds (whole gates: as they are)."""
+        if model.tp_size == 1:
+            return self
+        first = model.tp_rank * model.num_kv_heads
+        heads = slice(first, first + model.num_kv_heads)
+        return dataclasses.replace(self, num_q_heads=model.num_q_heads, num_kv_heads=model.num_kv_heads,
+                                   **{n: getattr(self, n)[:, heads].contiguous() for n in self._TENSORS})
+
     def problems(self, model: ModelFacts, block_size: int) -> list[str]:
         """Why these gates do not fit ``model`` / ``block_size`` ([] = they fit)."""
         return check_gate_metadata({n: str(getattr(self, n)) for n in self._META}, model, block_size)
@@ -223,7 +233,7 @@ class SeerStrategy(Strategy):
         if not path.is_file():
             raise ParamError("gates", f"no SeerAttention gates for model {model_name(model.model_id)!r} at "
                                       f"{path}; " + CALIBRATE_HINT)
-        problems = check_gate_metadata(SeerGates.read_metadata(path), model, params.block_size)
+        problems = check_gate_metadata(SeerGates.read_metadata(path), model.whole_model(), params.block_size)
         if problems:
             raise ParamError("gates", f"{path} does not fit this model: {'; '.join(problems)}; " + CALIBRATE_HINT)
 
@@ -233,7 +243,8 @@ class SeerStrategy(Strategy):
         found = self._gates.get(key)
         if found is None:
             self.validate_for_model(params, self.model)
-            gates = SeerGates.identity(self.model, params.block_size) if path is None else SeerGates.load(path)
+            gates = (SeerGates.identity(self.model, params.block_size) if path is None
+                     else SeerGates.load(path).for_rank(self.model))
             found = SeerGates(**{n: getattr(gates, n) for n in SeerGates._META},
                               **{n: getattr(gates, n).to(device) for n in SeerGates._TENSORS})
             self._gates[key] = found

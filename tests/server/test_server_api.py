@@ -72,7 +72,7 @@ def test_completion_greedy_is_deterministic_and_counts_usage(openai_client, attn
     assert first.usage.completion_tokens == 8
     assert first.usage.total_tokens == first.usage.prompt_tokens + 8
     assert first.model_extra["attention"] == {"strategy": "full", "params": {},
-                                              "attended_fraction": 1.0}
+                                              "attended_fraction": 1.0, "decode_attended_fraction": 1.0}
 
 
 def test_completion_stream_matches_non_stream(http, attnserve_server):
@@ -208,7 +208,9 @@ def test_attention_choice_via_vllm_xargs(http, attnserve_server, xargs):
 
 def test_default_strategy_is_reported(http, attnserve_server):
     response = http.post("/v1/completions", json=completion_body(attnserve_server.model, max_tokens=1))
-    assert response.json()["attention"] == {"strategy": "full", "params": {}, "attended_fraction": 1.0}
+    # one token: the prefill step made it, there was no decode step
+    assert response.json()["attention"] == {"strategy": "full", "params": {}, "attended_fraction": 1.0,
+                                            "decode_attended_fraction": None}
 
 
 def test_concurrent_requests_keep_their_own_strategy(http, attnserve_server):

@@ -45,7 +45,7 @@ def test_matrix_mixed_batch(name, dtype, gates_dir):
         assert torch.isfinite(out.float()).all()
     for rid in rows.request_ids:
         s = strategy.stats(rid)
-        assert 0 < s["attended"] <= s["total"] + 1e-6
+        assert 0 < s.attended <= s.total + 1e-6
         strategy.release(rid)
     assert_no_request_state(strategy, rows.request_ids)
 
@@ -55,7 +55,7 @@ def assert_no_request_state(strategy, request_ids):
         if isinstance(value, dict):
             assert not set(request_ids) & set(value), f"state left in {value.keys()}"
     for rid in request_ids:
-        assert strategy.stats(rid)["total"] == 0
+        assert strategy.stats(rid).total == 0
 
 
 FULL_BUDGET = {
@@ -111,9 +111,9 @@ def test_sink_attends_exactly_sinks_and_window():
     for out in run_step(strategy, rows, query, kv):
         torch.testing.assert_close(out.float(), expected, **TOL[torch.bfloat16])
     # decode: 5 sinks + 23 window tokens; prefill: the visible (query, key) pairs
-    assert strategy.stats("req-1")["attended"] == pytest.approx(28)
+    assert strategy.stats("req-1").attended == pytest.approx(28)
     pairs = sum(int(visible(0, q, 0)[:q + 1].sum()) for q in range(40, 100))
-    assert strategy.stats("req-0")["attended"] == pytest.approx(pairs)
+    assert strategy.stats("req-0").attended == pytest.approx(pairs)
 
 
 def recycled_steps(strategy, params, kv, table, prompt, steps, query_for_step):
@@ -189,8 +189,8 @@ def test_recycled_refreshes_when_query_drifts():
         run_step(drifting, step_rows([params], [1], [150 + step], table), random_query(1, 30 + step), kv)
     assert drifting.state("req-0").refreshes == 3 * MODEL.num_layers
     assert drifting.state("req-0").full_steps == 1
-    assert drifting.stats("req-0")["attended"] == pytest.approx(steady.stats("req-0")["total"])
-    assert steady.stats("req-0")["attended"] < steady.stats("req-0")["total"]
+    assert drifting.stats("req-0").attended == pytest.approx(steady.stats("req-0").total)
+    assert steady.stats("req-0").attended < steady.stats("req-0").total
 
 
 def test_landmark_picks_the_chunk_of_a_planted_key():
@@ -340,7 +340,7 @@ def test_embedded_model_shapes_one_step(gates_dir):
             strategy.run(layer, query, key_cache, value_cache, plan, out)
             assert torch.isfinite(out.float()).all()
         strategy.finish_step(plan)
-        fraction = strategy.stats("r")["attended_fraction"]
+        fraction = strategy.stats("r").attended_fraction
         if name in ("full", "recycled"):        # recycled's first decode step is a full step
             assert fraction == pytest.approx(1.0)
         elif name == "sink":
