@@ -26,17 +26,30 @@ class Command:
 
 
 def add_prepare_model_arguments(parser: argparse.ArgumentParser) -> None:
+    from server.model import DEFAULT_MODEL, known_names
+
+    parser.add_argument(
+        "model", nargs="?", default=DEFAULT_MODEL, metavar="MODEL",
+        help=f"a named model: {', '.join(known_names())} (default: {DEFAULT_MODEL})",
+    )
     parser.add_argument(
         "--output", default=None,
-        help="target folder (default: $ATTNSERVE_CACHE/models/SmolLM2-135M-Instruct, "
-             "cache default ~/.cache/attnserve)",
+        help="target folder (default: $ATTNSERVE_CACHE/models/<the model's folder>, e.g. "
+             "SmolLM2-135M-Instruct; cache default ~/.cache/attnserve)",
     )
 
 
 def run_prepare_model(args: argparse.Namespace) -> int:
-    from server.model import prepare_embedded_model
+    from server.model import ModelError, UnknownModelError, get_model, prepare_model
 
-    prepared = prepare_embedded_model(args.output)
+    try:
+        prepared = prepare_model(get_model(args.model).name, args.output)
+    except UnknownModelError as err:
+        print(f"attnserve prepare-model: {err}", file=sys.stderr)
+        return 2
+    except ModelError as err:
+        print(f"attnserve prepare-model: {err}", file=sys.stderr)
+        return 1
     state = "prepared" if prepared.converted else "already prepared"
     print(f"{state}: {prepared.path}")
     return 0
@@ -46,12 +59,14 @@ def run_prepare_model(args: argparse.Namespace) -> int:
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    from server.model import DEFAULT_MODEL, known_names
+
     parser.add_argument("--host", default="0.0.0.0")
     parser.add_argument("--port", type=int, default=config.DEFAULT_PORT)
     parser.add_argument(
         "--model", default=None,
-        help="a local Hugging Face model folder or a hub id (default: the embedded "
-             "SmolLM2-135M-Instruct, prepared on first use)",
+        help=f"a named model ({', '.join(known_names())}: prepared on first use), a local "
+             f"Hugging Face model folder or a hub id (default: {DEFAULT_MODEL})",
     )
     parser.add_argument("--served-model-name", default=None,
                         help="the name clients send as `model` (default: the model's folder name)")
@@ -156,14 +171,14 @@ def add_production_arguments(parser: argparse.ArgumentParser) -> None:
 def serve_settings(args: argparse.Namespace) -> config.ServeSettings:
     from pathlib import Path
 
-    from server.model import EMBEDDED_MODEL_NAME, resolve_model
+    from server.model import lookup_model, resolve_model
     from server.production import load_api_keys
 
     model = resolve_model(args.model)
     if args.served_model_name:
         name = args.served_model_name
-    elif args.model is None:
-        name = EMBEDDED_MODEL_NAME
+    elif args.model is None or lookup_model(args.model) is not None:
+        name = Path(model).name  # a named model: its folder's name (SmolLM2-135M-Instruct)
     elif Path(args.model).expanduser().is_dir():
         name = Path(args.model).expanduser().resolve().name  # a local folder: its name
     else:
@@ -206,11 +221,16 @@ def run_serve(args: argparse.Namespace) -> int:
         print(f"attnserve serve: --default-strategy {args.default_strategy!r} is unknown; "
               f"valid strategies: {', '.join(names())}", file=sys.stderr)
         return 2
+    from server.model import ModelError, UnknownModelError
+
     try:
         settings = serve_settings(args)
-    except OSError as err:  # an unreadable --api-keys-file
+    except (OSError, UnknownModelError) as err:  # an unreadable --api-keys-file, a bad --model
         print(f"attnserve serve: {err}", file=sys.stderr)
         return 2
+    except ModelError as err:  # a named model that could not be installed or assembled
+        print(f"attnserve serve: {err}", file=sys.stderr)
+        return 1
 
     import uvloop
     from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
@@ -229,9 +249,13 @@ def run_serve(args: argparse.Namespace) -> int:
 def _with_model(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
     """Resolve --model (default: the embedded model, prepared on first use) before `run`."""
     def wrapped(args: argparse.Namespace) -> int:
-        from server.model import resolve_model
+        from server.model import ModelError, resolve_model
 
-        args.model = resolve_model(args.model)
+        try:
+            args.model = resolve_model(args.model)
+        except ModelError as err:
+            print(f"attnserve: {err}", file=sys.stderr)
+            return 2
         return run(args)
     return wrapped
 
@@ -290,7 +314,7 @@ def run_recommend(args: argparse.Namespace) -> int:
 
 COMMANDS: tuple[Command, ...] = (
     Command("serve", "serve the OpenAI-compatible API", add_serve_arguments, run_serve),
-    Command("prepare-model", "convert the embedded model into the cache (idempotent)",
+    Command("prepare-model", "convert a named model into the cache (idempotent)",
             add_prepare_model_arguments, run_prepare_model),
     Command("eval", "long-context tasks and fidelity to full: a strategy x budget x length sweep",
             add_eval_arguments, run_eval),
