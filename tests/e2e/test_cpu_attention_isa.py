@@ -30,6 +30,7 @@ class _Records(logging.Handler):
 def amx_engine():
     """(an engine built while vLLM picks 'amx', what the routing backend warned while building it)"""
     from vllm import LLM
+    from vllm import envs as vllm_envs
     from vllm.v1.attention.backends import cpu_attn
 
     records = _Records()
@@ -39,6 +40,7 @@ def amx_engine():
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(cpu_attn, "_get_attn_isa", lambda *args, **kwargs: "amx")
             patch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+            vllm_envs.disable_envs_cache()   # an engine built in this process cached the environment
             llm = LLM(model=str(embedded_model_dir()), enforce_eager=True, max_model_len=4096,
                       kv_cache_memory_bytes=1 << 28, max_num_seqs=16, max_num_batched_tokens=8192,
                       block_size=PAGE, seed=0)
