@@ -14,6 +14,7 @@ EXTRA_ARGS_ATTENTION = "attention"
 XARGS_ATTENTION = "attention"
 XARGS_STRATEGY = "attention_strategy"
 XARGS_PARAMS = "attention_params"
+XARGS_BUDGET = "attention_budget"
 
 
 class AttentionFieldError(ValueError):
@@ -48,6 +49,14 @@ class AttentionRequest:
             return f"vllm_xargs.{XARGS_ATTENTION}.params"
         return f"vllm_xargs.{XARGS_PARAMS}"
 
+    @property
+    def budget_field(self) -> str:
+        if self.xargs is None:
+            return "attention.budget"
+        if XARGS_ATTENTION in self.xargs:
+            return f"vllm_xargs.{XARGS_ATTENTION}.budget"
+        return f"vllm_xargs.{XARGS_BUDGET}"
+
 
 def pop_attention_request(body: dict[str, Any]) -> AttentionRequest:
     """Remove every spelling of the attention choice from `body` (vLLM must not see ours)."""
@@ -55,7 +64,8 @@ def pop_attention_request(body: dict[str, Any]) -> AttentionRequest:
     xargs = body.get("vllm_xargs")
     ours = None
     if isinstance(xargs, dict):
-        ours = {k: xargs.pop(k) for k in (XARGS_ATTENTION, XARGS_STRATEGY, XARGS_PARAMS) if k in xargs}
+        ours = {k: xargs.pop(k) for k in (XARGS_ATTENTION, XARGS_STRATEGY, XARGS_PARAMS, XARGS_BUDGET)
+                if k in xargs}
         if not xargs:
             body["vllm_xargs"] = None
     if top_level is not None and ours:
@@ -98,6 +108,11 @@ class AttentionPolicy:
                     get(choice.strategy).validate_for_model(choice.params, self.model_facts)
                 except ParamError as err:
                     raise err.under(requested.params_field) from None
+                if choice.budget is not None:
+                    try:
+                        get(choice.strategy).check_budget(choice.params, choice.budget, self.model_facts)
+                    except ParamError as err:
+                        raise AttentionFieldError(requested.budget_field, err.message) from None
         except ParamError as err:
             raise AttentionFieldError(err.field, err.message) from None
         return choice
@@ -159,9 +174,7 @@ def attention_report(choice: Any, engine_ids: list[str]) -> dict[str, Any]:
     """The `attention` object returned next to `usage`."""
     extra = choice.to_extra_args()
     overall, decode = read_attended_fractions(engine_ids, extra["strategy"])
-    return {
-        "strategy": extra["strategy"],
-        "params": extra.get("params", {}),
-        "attended_fraction": overall,
-        "decode_attended_fraction": decode,
-    }
+    report = {"strategy": extra["strategy"], "params": extra.get("params", {})}
+    if "budget" in extra:
+        report["budget"] = extra["budget"]
+    return report | {"attended_fraction": overall, "decode_attended_fraction": decode}

@@ -160,6 +160,7 @@ class Router:
                 if self.unavailable is not None and choice.strategy != FULL:
                     raise ValueError(self.unavailable)
                 registry.get(choice.strategy).validate_for_model(choice.params, self.model)
+                choice = choice.for_context(state.num_prompt_tokens, self.model)
             except ValueError as error:
                 logger.warning("request %s asked for %r: %s; running it with full attention",
                                request_id, choice.strategy, error)

@@ -49,6 +49,11 @@ def param(default: Any, *, minimum: Optional[float] = None, maximum: Optional[fl
     return field(default=default, metadata=meta)
 
 
+def budget_tokens(budget: Union[int, float], context_len: int) -> float:
+    """A request's ``attention.budget`` as KV tokens per decode step over a ``context_len``-token context."""
+    return budget * max(int(context_len), 1) if isinstance(budget, float) else float(budget)
+
+
 def resolve_budget(value: Union[int, float], context_len: int) -> int:
     """A budget as a count in [1, context_len]: an int is a count, a float in (0, 1] a fraction."""
     context_len = max(int(context_len), 1)
@@ -465,6 +470,7 @@ class Strategy:
     description: ClassVar[str]
     dense_prefill: ClassVar[bool] = True    # True: prefill rows may go to vLLM's own dense kernel
     releases_kv: ClassVar[bool] = False     # True: KV blocks it never reads again go back to vLLM's pool
+    budget_param: ClassVar[Optional[str]] = None   # the param a request's ``attention.budget`` sets; None: no budget
 
     def __init__(self, model: ModelFacts):
         self.model = model
@@ -479,6 +485,22 @@ class Strategy:
         if model.num_q_heads % model.num_kv_heads:
             reasons.append(f"{model.num_q_heads} query heads are not a multiple of {model.num_kv_heads} KV heads")
         return reasons
+
+    @classmethod
+    def check_budget(cls, params: StrategyParams, budget: Union[int, float], model: ModelFacts) -> None:
+        """Request-time: raise ParamError("budget", ...) when ``params``' fixed parts alone attend more than a
+        fractional ``budget`` (the prompt's length is not known yet: an integer budget below a strategy's
+        minimum gets the minimum)."""
+
+    @classmethod
+    def params_for_budget(cls, params: StrategyParams, budget: Union[int, float], context_len: int,
+                          model: Optional[ModelFacts]) -> StrategyParams:
+        """``params`` with ``budget_param`` set so that a decode step over a ``context_len``-token context
+        attends at most ``budget`` of it (a fraction) or ``budget`` tokens (an integer), counting every part
+        the strategy attends (sinks, newest tokens, dense layers, full steps) and its block granularity;
+        never below the strategy's minimum. Later steps see more context and the same count. ``model`` is
+        None in vLLM's scheduler, where strategies that release KV (``releases_kv``) map their budget."""
+        raise NotImplementedError(f"strategy {cls.name!r} takes no budget")
 
     @classmethod
     def validate_for_model(cls, params: StrategyParams, model: ModelFacts) -> None:

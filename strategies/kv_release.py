@@ -54,6 +54,8 @@ def policy_of(request: Any) -> KvPolicy:
         choice = registry.AttentionChoice.from_extra_args(extra)
         if choice.strategy != "full":
             cls = registry.get(choice.strategy)
+            if cls.releases_kv:     # the same params as the worker's (Router.choice)
+                choice = choice.for_context(request.num_prompt_tokens, model=None)
             if choice.strategy == "sink":
                 policy = KvPolicy(False, cls.dense_prefill, int(choice.params.n_sink), int(choice.params.window))
             else:

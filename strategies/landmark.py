@@ -19,14 +19,16 @@ summarised yet (the whole prompt on its first decode step). Prefill is dense.
 from __future__ import annotations
 
 import math
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from strategies.base import (Budget, RowGroup, StepCount, StepRows, Strategy, StrategyParams, dense_indices,
-                             group_rows_by, param, resolve_budget, split_rows)
+from strategies.base import (Budget, ModelFacts, ParamError, RowGroup, StepCount, StepRows, Strategy,
+                             StrategyParams, budget_tokens, dense_indices, group_rows_by, param, resolve_budget,
+                             split_rows)
 from strategies.full import run_prefill
 from strategies.reference import Q8_SCALE_BYTES
 from strategies.registry import register
@@ -75,6 +77,27 @@ class LandmarkStrategy(Strategy):
     description = ("Quest-style landmarks: per-chunk key min/max summaries bound q.k; the top k_blocks chunks "
                    "plus the first and newest are attended; the first dense_layers layers stay dense.")
     dense_prefill = True
+    budget_param = "k_blocks"
+
+    @classmethod
+    def check_budget(cls, params: Params, budget, model: ModelFacts) -> None:
+        dense = min(params.dense_layers, model.num_layers)
+        if isinstance(budget, float) and budget * model.num_layers <= dense:
+            raise ParamError("budget", f"landmark's {dense} dense layers of {model.num_layers} alone attend "
+                                       f"{dense / model.num_layers:.4g} of the context; allowed: a larger budget "
+                                       f"or fewer dense_layers")
+
+    @classmethod
+    def params_for_budget(cls, params: Params, budget, context_len: int, model: ModelFacts) -> Params:
+        """Per decode step the first ``dense_layers`` layers attend the context and the others k_blocks
+        chunks plus the first and the newest; averaged over layers that is at most the budget."""
+        context, layers = max(int(context_len), 1), model.num_layers
+        dense = min(params.dense_layers, layers)
+        chunk = effective_chunk(params.block_size, model.kv_block_size)
+        if dense >= layers:
+            return params
+        per_sparse_layer = (budget_tokens(budget, context) * layers - dense * context) / (layers - dense)
+        return dataclasses.replace(params, k_blocks=max(1, int(per_sparse_layer // chunk) - 2))
 
     def __init__(self, model):
         super().__init__(model)

@@ -21,6 +21,7 @@ about half of all (layer, step) pairs, costing more than dense attention. Prefil
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -28,8 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from strategies.base import (Budget, RowGroup, StepCount, StepRows, Strategy, StrategyParams, dense_indices,
-                             param, resolve_budget, split_rows)
+from strategies.base import (Budget, ModelFacts, ParamError, RowGroup, StepCount, StepRows, Strategy, StrategyParams,
+                             budget_tokens, dense_indices, param, resolve_budget, split_rows)
 from strategies.full import run_prefill
 from strategies.registry import register
 
@@ -81,6 +82,25 @@ class RecycledStrategy(Strategy):
     description = ("Recycled Attention: every `stride` decode steps a full step picks the top-k tokens per "
                    "layer and KV head by attention mass; the steps between attend to those plus the new tokens.")
     dense_prefill = True
+    budget_param = "k"
+
+    @classmethod
+    def check_budget(cls, params: Params, budget, model: ModelFacts) -> None:
+        if isinstance(budget, float) and budget <= 1 / params.stride:
+            raise ParamError("budget", f"recycled's full step every {params.stride} decode steps alone attends "
+                                       f"1/{params.stride} of the context on average; allowed: a budget above "
+                                       f"{1 / params.stride:.4g}, or a longer stride")
+
+    @classmethod
+    def params_for_budget(cls, params: Params, budget, context_len: int, model: ModelFacts) -> Params:
+        """Over a cycle of ``stride`` decode steps: one full step (the context) and stride - 1 steps of k
+        tokens plus those generated since the full step (stride / 2 on average) average to the budget.
+        (``refresh_threshold`` adds data-dependent full steps on top.)"""
+        context, stride = max(int(context_len), 1), params.stride
+        if stride == 1:
+            return dataclasses.replace(params, k=context)
+        k = (budget_tokens(budget, context) - context / stride) / (1 - 1 / stride) - stride / 2
+        return dataclasses.replace(params, k=max(1, int(k)))
 
     POOL_PAGE = 64      # tokens per page of the recycled-KV pool
 

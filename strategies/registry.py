@@ -9,10 +9,11 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import dataclasses
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
-from strategies.base import ParamError, Strategy, StrategyParams
+from strategies.base import Budget, ModelFacts, ParamError, ParamSpec, Strategy, StrategyParams
 
 logger = logging.getLogger(__name__)
 
@@ -58,14 +59,34 @@ def get(name: str, field: str = "attention.strategy") -> type[Strategy]:
                                 f"valid strategies: {', '.join(names())}") from None
 
 
+BUDGET_SPEC = ParamSpec(
+    name="budget", kind=Budget, nullable=True, default=None, minimum=1, maximum=None, choices=None,
+    doc="KV attended per decode step: a fraction (0, 1] of the context or a token count; the strategy sets "
+        "its own budget param from it (an explicit value of that param wins)")
+
+
 @dataclass(frozen=True)
 class AttentionChoice:
     strategy: str
     params: StrategyParams
+    budget: Union[int, float, None] = None     # ``attention.budget``, not yet turned into params
 
     def to_extra_args(self) -> dict:
         """JSON-safe, for ``SamplingParams.extra_args["attention"]``."""
-        return {"strategy": self.strategy, "params": self.params.to_dict()}
+        out = {"strategy": self.strategy, "params": self.params.to_dict()}
+        if self.budget is not None:     # the param it sets is not the request's own (it would win)
+            out["params"].pop(get(self.strategy).budget_param)
+            out["budget"] = self.budget
+        return out
+
+    def for_context(self, context_len: int, model: Optional[ModelFacts]) -> "AttentionChoice":
+        """The budget turned into the strategy's params for a ``context_len``-token prompt (in the workers and
+        the scheduler, which know the prompt's length; the scheduler has no model facts: strategies that
+        release KV map their budget without them)."""
+        if self.budget is None:
+            return self
+        params = get(self.strategy).params_for_budget(self.params, self.budget, context_len, model)
+        return dataclasses.replace(self, params=params, budget=None)
 
     @classmethod
     def default(cls) -> "AttentionChoice":
@@ -112,8 +133,8 @@ def parse_attention(obj: Any, field: str = "attention") -> Optional[AttentionCho
         raise ParamError(field, 'expected an object {"strategy": <name>, "params": {...}} or a strategy name; '
                                 f"valid strategies: {', '.join(names())}")
     for key in obj:
-        if key not in ("strategy", "params"):
-            raise ParamError(f"{field}.{key}", "unknown key; allowed keys: strategy, params")
+        if key not in ("strategy", "params", "budget"):
+            raise ParamError(f"{field}.{key}", "unknown key; allowed keys: strategy, params, budget")
     if "strategy" not in obj or obj["strategy"] is None:
         raise ParamError(f"{field}.strategy", f"required; valid strategies: {', '.join(names())}")
     name = obj["strategy"]
@@ -121,19 +142,36 @@ def parse_attention(obj: Any, field: str = "attention") -> Optional[AttentionCho
         raise ParamError(f"{field}.strategy", f"expected a string; valid strategies: {', '.join(names())}")
     cls = get(name, field=f"{field}.strategy")
     params = cls.Params.from_dict(obj.get("params"), field=f"{field}.params")
-    return AttentionChoice(name, params)
+    return with_budget(cls, params, obj.get("params"), obj.get("budget"), f"{field}.budget")
+
+
+def with_budget(cls: type[Strategy], params: StrategyParams, given_params: Any, budget: Any,
+                field: str) -> AttentionChoice:
+    """The choice with its validated ``budget``; dropped when the request sets the param it would set."""
+    try:
+        budget = BUDGET_SPEC.check(budget)
+        if budget is None:
+            return AttentionChoice(cls.name, params)
+        if cls.budget_param is None:
+            raise ParamError("budget", f"strategy {cls.name!r} attends the whole context and takes no budget")
+    except ParamError as error:
+        raise ParamError(field, error.message) from None
+    if isinstance(given_params, dict) and cls.budget_param in given_params:
+        return AttentionChoice(cls.name, params)
+    return AttentionChoice(cls.name, params, budget)
 
 
 def parse_vllm_xargs(xargs: Any, field: str = "vllm_xargs") -> Optional[AttentionChoice]:
     """The vLLM-style form: ``{"attention": "<JSON object>"}`` or
-    ``{"attention_strategy": name, "attention_params": "<JSON object>"}``; ``None`` if neither is there."""
+    ``{"attention_strategy": name, "attention_params": "<JSON object>", "attention_budget": number}``;
+    ``None`` if neither is there."""
     if not isinstance(xargs, dict):
         return None
     if "attention" in xargs:
         return parse_attention(xargs["attention"], field=f"{field}.attention")
     if "attention_strategy" not in xargs:
-        if "attention_params" in xargs:
-            raise ParamError(f"{field}.attention_strategy", "required with attention_params; "
+        if "attention_params" in xargs or "attention_budget" in xargs:
+            raise ParamError(f"{field}.attention_strategy", "required with attention_params and attention_budget; "
                                                             f"valid strategies: {', '.join(names())}")
         return None
     name = xargs["attention_strategy"]
@@ -146,7 +184,8 @@ def parse_vllm_xargs(xargs: Any, field: str = "vllm_xargs") -> Optional[Attentio
         except json.JSONDecodeError as e:
             raise ParamError(f"{field}.attention_params", f"invalid JSON ({e.msg}); expected an object") from None
     cls = get(name, field=f"{field}.attention_strategy")
-    return AttentionChoice(name, cls.Params.from_dict(params, field=f"{field}.attention_params"))
+    return with_budget(cls, cls.Params.from_dict(params, field=f"{field}.attention_params"), params,
+                       xargs.get("attention_budget"), f"{field}.attention_budget")
 
 
 def describe_all() -> list[dict]:

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from strategies.base import (Budget, ModelFacts, ParamError, RowGroup, StepCount, StepRows, Strategy,
-                             StrategyParams, group_rows_by, param, resolve_budget, split_rows)
+                             StrategyParams, budget_tokens, group_rows_by, param, resolve_budget, split_rows)
 from strategies.full import run_prefill
 from strategies.registry import register
 
@@ -211,6 +211,13 @@ class SeerStrategy(Strategy):
                    "(or the top_k) plus the newest are attended. Needs calibrated gates for the model "
                    "(or gates='identity').")
     dense_prefill = False
+    budget_param = "top_k"
+
+    @classmethod
+    def params_for_budget(cls, params: Params, budget, context_len: int, model: ModelFacts) -> Params:
+        """top_k blocks plus the newest per decode step (the budget replaces the threshold)."""
+        blocks = int(budget_tokens(budget, context_len) // params.block_size)
+        return dataclasses.replace(params, top_k=max(1, blocks - 1))
 
     def __init__(self, model: ModelFacts):
         super().__init__(model)

@@ -10,14 +10,15 @@ second attention pass over the rotated sinks merged by log-sum-exp, which the op
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from strategies.base import (ParamError, RowGroup, StepCount, StepRows, Strategy, StrategyParams, param,
-                             row_group, split_rows)
+from strategies.base import (ModelFacts, ParamError, RowGroup, StepCount, StepRows, Strategy, StrategyParams,
+                             budget_tokens, param, row_group, split_rows)
 from strategies.full import run_prefill
 from strategies.registry import register
 
@@ -67,6 +68,13 @@ class SinkStrategy(Strategy):
                    "tokens (keys keep their original positions).")
     dense_prefill = False
     releases_kv = True
+    budget_param = "window"
+
+    @classmethod
+    def params_for_budget(cls, params: Params, budget, context_len: int, model: ModelFacts) -> Params:
+        """n_sink + window tokens per decode step: the window is what the budget leaves after the sinks."""
+        window = int(budget_tokens(budget, context_len)) - params.n_sink
+        return dataclasses.replace(params, window=max(1, window))
 
     def plan(self, rows: StepRows) -> SinkPlan:
         decode, prefill = split_rows(rows)

@@ -206,6 +206,21 @@ def test_attention_choice_via_vllm_xargs(http, attnserve_server, xargs):
     assert report["strategy"] == "sink" and report["params"]["window"] == 32
 
 
+@pytest.mark.parametrize("strategy", ["sink", "recycled", "landmark", "seer"])
+def test_a_budget_bounds_the_decode_share(http, attnserve_server, strategy):
+    """`attention.budget` 1/4 on a ~700-token prompt, 16 decode steps (one of recycled's cycles): the
+    strategy's own params come from it, the share it reports stays within 1/4 + 1/64 (and above 1/8:
+    seer's 64-token blocks are 1/11 of this context)."""
+    prompt = " ".join(f"Line {i}: the grass is green and the sky is blue." for i in range(60))
+    body = completion_body(attnserve_server.model, prompt=prompt, max_tokens=17, ignore_eos=True,
+                           attention={"strategy": strategy, "budget": 0.25})
+    response = http.post("/v1/completions", json=body)
+    assert response.status_code == 200, response.text
+    report = response.json()["attention"]
+    assert report["strategy"] == strategy and report["budget"] == 0.25
+    assert 0.25 / 2 <= report["decode_attended_fraction"] <= 0.25 + 1 / 64, report
+
+
 def test_default_strategy_is_reported(http, attnserve_server):
     response = http.post("/v1/completions", json=completion_body(attnserve_server.model, max_tokens=1))
     # one token: the prefill step made it, there was no decode step

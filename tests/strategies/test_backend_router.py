@@ -88,7 +88,8 @@ def test_cpu_attention_isa_the_strategies_can_read(vllm_isa, x86, expected):
 
 
 def fake_runner(request_ids: list[str], batch_rows: int, choices: dict[str, dict]) -> SimpleNamespace:
-    requests = {rid: SimpleNamespace(sampling_params=SimpleNamespace(extra_args={"attention": choices[rid]}))
+    requests = {rid: SimpleNamespace(sampling_params=SimpleNamespace(extra_args={"attention": choices[rid]}),
+                                     num_prompt_tokens=100)
                 for rid in request_ids}
     return SimpleNamespace(requests=requests,
                            input_batch=SimpleNamespace(num_reqs=batch_rows, req_ids=list(request_ids)))
