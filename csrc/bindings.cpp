@@ -3,7 +3,8 @@
 // TORCH_LIBRARY_IMPL(attnserve, CUDA, m). Fake (meta) kernels live in strategies/ops.py.
 //
 // Shapes: B sequences, Hq query heads, Hkv KV heads, G = Hq / Hkv, D head size.
-// key_cache / value_cache: [num_blocks, Hkv, page, D], last dim contiguous, other strides free.
+// key_cache / value_cache: [num_blocks, Hkv, page, D], last dim contiguous (CPU: or the token dim,
+// as in vLLM's CPU K), other strides free.
 // Index tensors are int32. Padding past num_idx in token_idx / sel_idx is 0 (mass: 0).
 #include <Python.h>
 #include <torch/library.h>
@@ -19,7 +20,8 @@ TORCH_LIBRARY(attnserve, m) {
       "paged_prefill_attention(Tensor query, Tensor key_cache, Tensor value_cache, "
       "Tensor block_table, Tensor query_start_loc, Tensor seq_lens, float scale, int n_sink, "
       "int window, Tensor? block_mask, int mask_block) -> Tensor");
-  // kmin / kmax [num_blocks, Hkv, page / chunk, D] fp32, updated in place
+  // kmin / kmax [num_blocks, Hkv, page / chunk, D] fp32 (CPU also bf16, or int8 rows [.., D + 4]: D steps
+  // then their fp32 scale), updated in place
   m.def(
       "landmark_update_summaries(Tensor key_cache, Tensor block_table, Tensor start_pos, "
       "Tensor seq_lens, int chunk, Tensor(a!) kmin, Tensor(b!) kmax) -> ()");

@@ -1,12 +1,15 @@
 """The only caller of torch.ops.attnserve.* (docs/design.md section 4).
 
-Loads the compiled extension (strategies._C) when it is built, registers a fake (meta) kernel for
-every op so tracing works, and exposes thin wrappers that run the compiled kernel when one exists
-for the tensors' device, otherwise the pure-torch twin in strategies.reference.
+Loads the compiled extension (strategies._C), registers a fake (meta) kernel for every op so
+tracing works, and exposes thin wrappers that run the compiled kernel for the tensors' device. An
+op without a compiled kernel (the extension not built, or built without that device) raises a
+RuntimeError, unless ATTNSERVE_ALLOW_REFERENCE=1 lets the pure-torch twin in strategies.reference
+run instead.
 """
 from __future__ import annotations
 
-import math
+import logging
+import os
 from typing import Optional
 
 import torch
@@ -78,11 +81,39 @@ def has_compiled(name: str, device: torch.device | str) -> bool:
     return _compiled_cache[key]
 
 
+BUILD_COMMAND = "make setup (or: python setup.py build_ext --inplace)"
+
+_log = logging.getLogger(__name__)
+_reference_warned = False
+
+
+def reference_allowed() -> bool:
+    """ATTNSERVE_ALLOW_REFERENCE=1: ops without a compiled kernel run the pure-torch reference."""
+    return os.environ.get("ATTNSERVE_ALLOW_REFERENCE") == "1"
+
+
+def _missing_kernel(name: str, device: torch.device | str) -> str:
+    if not extension_loaded():
+        return (f"the compiled extension strategies._C is not built or does not load ({EXTENSION_ERROR}); "
+                f"build it with {BUILD_COMMAND}")
+    key = _dispatch_key(device)
+    how = " (where torch has CUDA and ATTNSERVE_SKIP_CUDA is unset)" if key == "CUDA" else ""
+    return f"strategies._C has no {key} kernel for attnserve::{name}; rebuild it{how} with {BUILD_COMMAND}"
+
+
 def _op(name: str, device: torch.device):
-    """The compiled op for this device, or the reference twin. The compiled CPU kernels read both
-    cache layouts (head dim or token dim of stride 1: vLLM's CPU K is transposed per block)."""
+    """The compiled op for this device. The compiled CPU kernels read both cache layouts (head dim
+    or token dim of stride 1: vLLM's CPU K is transposed per block)."""
     if has_compiled(name, device):
         return getattr(torch.ops.attnserve, name)
+    if not reference_allowed():
+        raise RuntimeError(f"{_missing_kernel(name, device)}, or set ATTNSERVE_ALLOW_REFERENCE=1 to run the "
+                           f"pure-torch reference (slow)")
+    global _reference_warned
+    if not _reference_warned:
+        _reference_warned = True
+        _log.warning("ATTNSERVE_ALLOW_REFERENCE=1: the pure-torch reference runs (slow) where there is no "
+                     "compiled kernel: %s", _missing_kernel(name, device))
     return getattr(reference, name)
 
 
@@ -211,7 +242,3 @@ def gather_kv(key_cache: Tensor, value_cache: Tensor, block_table: Tensor, token
     token_idx [B, Hkv, K], num_idx [B, Hkv], dst_start [B] are int32."""
     _op("gather_kv", key_cache.device)(key_cache, value_cache, block_table, token_idx, num_idx,
                                        dst_block_table, dst_start, dst_key, dst_value)
-
-
-def default_scale(head_size: int) -> float:
-    return 1.0 / math.sqrt(head_size)

@@ -51,14 +51,44 @@ inline Isa detect_isa() {
   return Isa::kDefault;
 }
 
-// The ISA the kernels use: the CPU's, capped by ATTNSERVE_CPU_ISA at load or by set_cpu_isa_cap
-// (parallel.cpp; tests run every level this CPU has).
+// The ISA the kernels use: the CPU's, capped by ATTNSERVE_CPU_ISA (alias ATTNSERVE_ISA) at load or
+// by set_cpu_isa_cap (parallel.cpp; tests run every level this CPU has).
 Isa isa_cap();
 
 inline Isa cpu_isa() {
   static const Isa detected = detect_isa();
   const Isa cap = isa_cap();
   return cap < detected ? cap : detected;
+}
+
+// The compiled variants of one kernel, one per ISA level; a level left empty has none of its own
+// and uses the nearest level below that has one. Fn: a function pointer, or a struct that converts
+// to bool (false: empty).
+template <typename Fn>
+struct IsaVariants {
+  Fn avx512bf16{};
+  Fn avx512{};
+  Fn avx2{};
+  Fn baseline{};  // Isa::kDefault: compiled without a target attribute
+};
+
+// The variant for cpu_isa(); empty when neither its level nor any below has one.
+template <typename Fn>
+Fn for_cpu_isa(const IsaVariants<Fn>& variants) {
+  switch (cpu_isa()) {
+    case Isa::kAvx512Bf16:
+      if (variants.avx512bf16) return variants.avx512bf16;
+      [[fallthrough]];
+    case Isa::kAvx512:
+      if (variants.avx512) return variants.avx512;
+      [[fallthrough]];
+    case Isa::kAvx2:
+      if (variants.avx2) return variants.avx2;
+      [[fallthrough]];
+    case Isa::kDefault:
+      break;
+  }
+  return variants.baseline;
 }
 
 ATTNSERVE_INLINE float bits_to_float(uint32_t bits) { return __builtin_bit_cast(float, bits); }

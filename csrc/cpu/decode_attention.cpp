@@ -485,34 +485,42 @@ ATTNSERVE_TARGET_AVX512_BF16 void attend_range_bf16_kt_dot(const DecodeProblem& 
 }
 #endif
 
+// attend_range_body compiled for the CPU's ISA level.
 template <typename scalar_t, int kD>
-AttendRangeFn pick_isa() {
+AttendRangeFn attend_range_for_cpu() {
+  return for_cpu_isa<AttendRangeFn>({
 #if defined(__x86_64__)
-  switch (cpu_isa()) {
-    case Isa::kAvx512Bf16:
-    case Isa::kAvx512: return attend_range_avx512<scalar_t, kD>;
-    case Isa::kAvx2: return attend_range_avx2<scalar_t, kD>;
-    default: break;
-  }
+      .avx512 = attend_range_avx512<scalar_t, kD>,
+      .avx2 = attend_range_avx2<scalar_t, kD>,
 #endif
-  return attend_range_default<scalar_t, kD>;
+      .baseline = attend_range_default<scalar_t, kD>});
 }
 
+// A work-item kernel and the query it reads.
+struct DecodeKernel {
+  AttendRangeFn attend{};
+  bool reads_bf16_query = false;  // DecodeProblem::query_pairs (bf16, unscaled), not query
+  explicit operator bool() const { return attend != nullptr; }
+};
+
 template <typename scalar_t>
-AttendRangeFn pick_kernel(int D, const at::Tensor& key_cache, const at::Tensor& value_cache, bool dot) {
+DecodeKernel pick_kernel(int D, bool bf16_query, const at::Tensor& key_cache, const at::Tensor& value_cache) {
 #if defined(__x86_64__)
-  // vLLM's CPU layout (bf16, K token-contiguous, V rows): the hand-vectorised paths
-  if (std::is_same_v<scalar_t, c10::BFloat16> && cpu_isa() >= Isa::kAvx512 &&
-      key_cache.stride(2) == 1 && value_cache.stride(3) == 1) {
-    if (dot && D == 64) return attend_range_bf16_kt_dot<64>;
-    if (dot && D == 128) return attend_range_bf16_kt_dot<128>;
-    if (D == 64) return attend_range_bf16_kt_avx512<64>;
-    if (D == 128) return attend_range_bf16_kt_avx512<128>;
+  // vLLM's CPU layout (bf16, K token-contiguous, V rows): the hand-vectorised paths, with bf16 dot
+  // products on a bf16 query where the CPU has AVX512_BF16
+  if (std::is_same_v<scalar_t, c10::BFloat16> && key_cache.stride(2) == 1 && value_cache.stride(3) == 1 &&
+      (D == 64 || D == 128)) {
+    const DecodeKernel dot{D == 64 ? attend_range_bf16_kt_dot<64> : attend_range_bf16_kt_dot<128>, true};
+    const DecodeKernel fp32{D == 64 ? attend_range_bf16_kt_avx512<64> : attend_range_bf16_kt_avx512<128>};
+    if (const DecodeKernel kernel =
+            for_cpu_isa<DecodeKernel>({.avx512bf16 = bf16_query ? dot : DecodeKernel{}, .avx512 = fp32})) {
+      return kernel;
+    }
   }
 #endif
-  if (D == 64) return pick_isa<scalar_t, 64>();
-  if (D == 128) return pick_isa<scalar_t, 128>();
-  return pick_isa<scalar_t, 0>();
+  if (D == 64) return {attend_range_for_cpu<scalar_t, 64>()};
+  if (D == 128) return {attend_range_for_cpu<scalar_t, 128>()};
+  return {attend_range_for_cpu<scalar_t, 0>()};
 }
 
 // mass[j] += exp(logits[j] - max) * inv_sum, j < n: the probabilities of one query head. Compiled
@@ -521,6 +529,12 @@ ATTNSERVE_INLINE void add_probabilities_body(const float* logits, int n, float m
                                              float* mass) {
 #pragma omp simd
   for (int j = 0; j < n; ++j) mass[j] += exp_nonpositive(logits[j] - max) * inv_sum;
+}
+
+using AddProbabilitiesFn = void (*)(const float*, int, float, float, float*);
+
+void add_probabilities_default(const float* logits, int n, float max, float inv_sum, float* mass) {
+  add_probabilities_body(logits, n, max, inv_sum, mass);
 }
 
 #if defined(__x86_64__)
@@ -535,16 +549,13 @@ ATTNSERVE_TARGET_AVX2 void add_probabilities_avx2(const float* logits, int n, fl
 }
 #endif
 
-void add_probabilities(const float* logits, int n, float max, float inv_sum, float* mass) {
+AddProbabilitiesFn add_probabilities_for_cpu() {
+  return for_cpu_isa<AddProbabilitiesFn>({
 #if defined(__x86_64__)
-  switch (cpu_isa()) {
-    case Isa::kAvx512Bf16:
-    case Isa::kAvx512: return add_probabilities_avx512(logits, n, max, inv_sum, mass);
-    case Isa::kAvx2: return add_probabilities_avx2(logits, n, max, inv_sum, mass);
-    default: break;
-  }
+      .avx512 = add_probabilities_avx512,
+      .avx2 = add_probabilities_avx2,
 #endif
-  add_probabilities_body(logits, n, max, inv_sum, mass);
+      .baseline = add_probabilities_default});
 }
 
 struct WorkItem {
@@ -572,10 +583,11 @@ std::tuple<at::Tensor, at::Tensor> sparse_paged_attention_cpu(
   TORCH_CHECK(token_idx.size(0) == B && token_idx.size(1) == Hkv, "token_idx must be [B, Hkv, K]");
   const int G = Hq / Hkv, K = token_idx.size(2);
 
-  // bf16 query, bf16 cache in vLLM's CPU layout, AVX512_BF16: bf16 dot products on the raw query
-  const bool dot = query.scalar_type() == at::kBFloat16 && key_cache.scalar_type() == at::kBFloat16 &&
-                   cpu_isa() >= Isa::kAvx512Bf16 && key_cache.stride(2) == 1 &&
-                   value_cache.stride(3) == 1 && (D == 64 || D == 128);
+  const DecodeKernel kernel =
+      key_cache.scalar_type() == at::kBFloat16
+          ? pick_kernel<c10::BFloat16>(D, query.scalar_type() == at::kBFloat16, key_cache, value_cache)
+          : pick_kernel<float>(D, false, key_cache, value_cache);
+  const bool dot = kernel.reads_bf16_query;
   const at::TensorOptions fp32 = query.options().dtype(at::kFloat);
   const at::Tensor q = dot ? query.contiguous() : (query.to(at::kFloat) * scale).contiguous();
   const at::Tensor idx = token_idx.contiguous();
@@ -613,9 +625,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_paged_attention_cpu(
                         table.data_ptr<int32_t>(), table.stride(0), idx.data_ptr<int32_t>(),
                         Hkv, G, D, K, page, (page & (page - 1)) == 0 ? __builtin_ctz(page) : -1,
                         want_mass ? logits.data_ptr<float>() : nullptr};
-  const AttendRangeFn attend = key_cache.scalar_type() == at::kBFloat16
-                                   ? pick_kernel<c10::BFloat16>(D, key_cache, value_cache, dot)
-                                   : pick_kernel<float>(D, key_cache, value_cache, false);
+  const AttendRangeFn attend = kernel.attend;
   auto partial_of = [&](int item) {
     float* base = partials.data() + item * partial_stride;
     return Partial{base, base + G, base + 2 * G};
@@ -635,6 +645,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_paged_attention_cpu(
   float* out_ptr = out.data_ptr<float>();
   float* mass_ptr = want_mass ? mass.data_ptr<float>() : nullptr;
   float* logit_ptr = problem.logits;
+  const AddProbabilitiesFn add_probabilities = add_probabilities_for_cpu();
 #pragma omp parallel for schedule(static) num_threads(threads)
   for (int bg = 0; bg < B * Hkv; ++bg) {
     std::vector<float> row_max(G, -INFINITY), row_sum(G, 0.f);

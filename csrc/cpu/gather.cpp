@@ -103,6 +103,9 @@ ATTNSERVE_TARGET_AVX512_BF16 bool copy_compressed_runs(const GatherProblem& p, c
   }
   return true;
 }
+
+using CopyCompressedRunsFn = bool (*)(const GatherProblem&, const Pages&, const Pages&, int, int,
+                                      const int32_t*, const int*, int, int);
 #endif
 
 // Copies the n tokens tokens[order[j]] (j < n) of KV head g of sequence b from src to dst;
@@ -154,9 +157,10 @@ void copy_tokens(const GatherProblem& p, const Pages& src, const Pages& dst, int
   // Token-contiguous source: the run of listed tokens in one source page at a time.
 #if defined(__x86_64__)
   if constexpr (sizeof(E) == 2) {
-    if (dst.stride_token == 1 && p.page % 32 == 0 && cpu_isa() >= Isa::kAvx512Bf16 &&
-        copy_compressed_runs(p, src, dst, b, g, tokens, order, n, start)) {
-      return;
+    if (dst.stride_token == 1 && p.page % 32 == 0) {
+      const CopyCompressedRunsFn copy_compressed =
+          for_cpu_isa<CopyCompressedRunsFn>({.avx512bf16 = copy_compressed_runs});
+      if (copy_compressed != nullptr && copy_compressed(p, src, dst, b, g, tokens, order, n, start)) return;
     }
   }
 #endif

@@ -31,9 +31,15 @@ int isa_from_name(const char* text) {
   return -1;
 }
 
+// ATTNSERVE_CPU_ISA, or its alias ATTNSERVE_ISA where it is unset or empty.
+const char* isa_cap_from_environment() {
+  const char* text = std::getenv("ATTNSERVE_CPU_ISA");
+  return text != nullptr && *text != '\0' ? text : std::getenv("ATTNSERVE_ISA");
+}
+
 std::atomic<int>& cap() {
   static std::atomic<int> value{[] {
-    const int from_env = isa_from_name(std::getenv("ATTNSERVE_CPU_ISA"));
+    const int from_env = isa_from_name(isa_cap_from_environment());
     return from_env < 0 ? 3 : from_env;
   }()};
   return value;

@@ -238,23 +238,20 @@ ATTNSERVE_TARGET_AVX512 void prefill_tile_avx512(const PrefillProblem& p, const 
 #endif
 
 template <typename scalar_t, int kD>
-PrefillTileFn pick_isa() {
+PrefillTileFn prefill_tile_for_cpu() {
+  return for_cpu_isa<PrefillTileFn>({
 #if defined(__x86_64__)
-  switch (cpu_isa()) {
-    case Isa::kAvx512Bf16:
-    case Isa::kAvx512: return prefill_tile_avx512<scalar_t, kD>;
-    case Isa::kAvx2: return prefill_tile_avx2<scalar_t, kD>;
-    default: break;
-  }
+      .avx512 = prefill_tile_avx512<scalar_t, kD>,
+      .avx2 = prefill_tile_avx2<scalar_t, kD>,
 #endif
-  return prefill_tile_default<scalar_t, kD>;
+      .baseline = prefill_tile_default<scalar_t, kD>});
 }
 
 template <typename scalar_t>
 PrefillTileFn pick_kernel(int D) {
-  if (D == 64) return pick_isa<scalar_t, 64>();
-  if (D == 128) return pick_isa<scalar_t, 128>();
-  return pick_isa<scalar_t, 0>();
+  if (D == 64) return prefill_tile_for_cpu<scalar_t, 64>();
+  if (D == 128) return prefill_tile_for_cpu<scalar_t, 128>();
+  return prefill_tile_for_cpu<scalar_t, 0>();
 }
 
 }  // namespace

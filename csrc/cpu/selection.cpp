@@ -271,31 +271,35 @@ ATTNSERVE_TARGET_AVX512 void landmark_scores_rows_avx512(const LandmarkScoring& 
   }
 }
 #pragma GCC diagnostic pop
-#endif
 
+// The AVX-512 variant: for bf16 and int8 rows of a multiple of 16 dims, the hand-vectorised one.
 template <typename summary_t, int kD>
-LandmarkScoresFn pick_landmark_scores_isa() {
-#if defined(__x86_64__)
+LandmarkScoresFn landmark_scores_avx512_variant() {
   constexpr bool bf16 = std::is_same_v<summary_t, c10::BFloat16>;
   if constexpr ((bf16 || kInt8Rows<summary_t>) && kD > 0 && kD % 16 == 0) {
     using Element = std::conditional_t<bf16, uint16_t, summary_t>;  // bf16 as its bits
-    if (cpu_isa() >= Isa::kAvx512) return landmark_scores_rows_avx512<Element, kD>;
+    return landmark_scores_rows_avx512<Element, kD>;
+  } else {
+    return landmark_scores_avx512<summary_t, kD>;
   }
-  switch (cpu_isa()) {
-    case Isa::kAvx512Bf16:
-    case Isa::kAvx512: return landmark_scores_avx512<summary_t, kD>;
-    case Isa::kAvx2: return landmark_scores_avx2<summary_t, kD>;
-    default: break;
-  }
+}
 #endif
-  return landmark_scores_default<summary_t, kD>;
+
+template <typename summary_t, int kD>
+LandmarkScoresFn landmark_scores_for_cpu() {
+  return for_cpu_isa<LandmarkScoresFn>({
+#if defined(__x86_64__)
+      .avx512 = landmark_scores_avx512_variant<summary_t, kD>(),
+      .avx2 = landmark_scores_avx2<summary_t, kD>,
+#endif
+      .baseline = landmark_scores_default<summary_t, kD>});
 }
 
 template <typename summary_t>
 LandmarkScoresFn pick_landmark_scores(int D) {
-  if (D == 64) return pick_landmark_scores_isa<summary_t, 64>();
-  if (D == 128) return pick_landmark_scores_isa<summary_t, 128>();
-  return pick_landmark_scores_isa<summary_t, 0>();
+  if (D == 64) return landmark_scores_for_cpu<summary_t, 64>();
+  if (D == 128) return landmark_scores_for_cpu<summary_t, 128>();
+  return landmark_scores_for_cpu<summary_t, 0>();
 }
 
 // kmin / kmax of landmark: contiguous, the same dtype, fp32, bf16 or int8 (rows of D + 4 bytes),
