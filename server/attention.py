@@ -127,10 +127,11 @@ class AttentionPolicy:
 
 def model_facts_from_vllm_config(vllm_config: Any) -> Any:
     """strategies.base.ModelFacts of the served model (whole-model head counts, not per rank)."""
-    from strategies.base import ModelFacts
+    from strategies.base import ModelFacts, attention_facts_from_config
 
     model_config = vllm_config.model_config
     text_config = model_config.hf_text_config
+    scale, window_layers, sliding_window = attention_facts_from_config(text_config.to_dict())
     return ModelFacts(
         num_layers=text_config.num_hidden_layers,
         num_q_heads=text_config.num_attention_heads,
@@ -140,6 +141,9 @@ def model_facts_from_vllm_config(vllm_config: Any) -> Any:
         max_model_len=model_config.max_model_len,
         dtype=model_config.dtype,
         model_id=str(model_config.model),
+        scale=scale,
+        window_layers=window_layers,
+        sliding_window=sliding_window,
     )
 
 

@@ -68,6 +68,8 @@ class RoutedMetadata:
     dense_slice: Optional[slice]               # the dense tokens as a range (None: use dense_tokens)
     groups: list[RoutedGroup] = field(default_factory=list)
     stats_rows: list[tuple[str, str]] = field(default_factory=list)   # (request id, strategy) of the step
+    all_rows: Optional[Any] = None             # vLLM's metadata for every row: the sliding-window layers of
+                                               # a KV cache group that mixes them with global layers
 
     @property
     def slot_mapping(self) -> Optional[Tensor]:
@@ -129,12 +131,18 @@ class Router:
         if self.model is not None:
             return
         mc, pc = vllm_config.model_config, vllm_config.parallel_config
+        scale, window_layers, sliding_window = attention_layer_facts(vllm_config)
         self.model = ModelFacts(
             num_layers=mc.get_total_num_hidden_layers(), num_q_heads=mc.get_num_attention_heads(pc),
             num_kv_heads=mc.get_num_kv_heads(pc), head_size=mc.get_head_size(),
             kv_block_size=block_size, max_model_len=mc.max_model_len, dtype=mc.dtype, model_id=mc.model,
             tp_rank=pc.rank % pc.tensor_parallel_size, tp_size=pc.tensor_parallel_size,   # ranks: DP x PP x TP
-            layers=mc.get_layers_start_end_indices(pc))
+            layers=mc.get_layers_start_end_indices(pc), scale=scale, window_layers=window_layers,
+            sliding_window=sliding_window)
+        if window_layers:
+            logger.info("attnserve: %d sliding-window layers (window %d) run vLLM's own kernel for every "
+                        "request; the strategies attend on the other %d layers", len(window_layers),
+                        sliding_window, self.model.num_layers - len(window_layers))
         self.stats = stats_io.StatsWriter.for_this_worker()
         install_runner_hook()
 
@@ -232,9 +240,11 @@ class Router:
                      f"; the KV blocks released by {', '.join(releasing)} may be read" if releasing else "")
 
     def count_dense(self, request_id: str, query_len: int, seq_len: int) -> None:
-        """A row run by vLLM's own kernel attends every (query, key) pair of its step."""
+        """A row run by vLLM's own kernel attends every (query, key) pair of its step (the window's on
+        sliding-window layers)."""
         pairs = step_pairs(query_len, seq_len)
-        self.dense_usage.setdefault(request_id, AttentionUsage()).add(pairs, pairs, query_len == 1)
+        attended = self.model.dense_step_attended(query_len, seq_len)
+        self.dense_usage.setdefault(request_id, AttentionUsage()).add(attended, pairs, query_len == 1)
 
     def usage(self, request_id: str, strategy_name: str) -> AttentionUsage:
         """The request's dense rows (vLLM's kernel) and its strategy's own rows, together."""
@@ -246,8 +256,9 @@ class Router:
         return usage
 
     def is_last_layer(self, layer_index: int) -> bool:
-        """The last layer this worker runs (its pipeline stage's), after which the step is finished."""
-        return layer_index == self.model.layer_range[1] - 1
+        """The last layer where the strategies run in this worker (its pipeline stage's last layer
+        without a sliding window), after which the step is finished."""
+        return layer_index == self.model.last_routed_layer
 
     def finish_step(self, meta: RoutedMetadata) -> None:
         for group in meta.groups:
@@ -308,12 +319,24 @@ class RoutingBuilderMixin:
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         ROUTER.attach(vllm_config, kv_cache_spec.block_size)
+        from vllm.model_executor.models.utils import extract_layer_index
+
+        # Sliding-window layers are left to vLLM's kernel (it applies the window; with the hybrid KV cache
+        # manager their KV cache group even frees the blocks behind the window): a group made only of them
+        # is never routed; a group mixing them with global layers also builds vLLM's metadata for all rows.
+        indices = [extract_layer_index(name) for name in layer_names]
+        windowed = [ROUTER.model.is_window_layer(i) for i in indices]
+        self.attnserve_all_windowed = bool(windowed) and all(windowed)
+        self.attnserve_some_windowed = any(windowed)
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> RoutedMetadata:
         cm = common_attn_metadata
         num_reqs = cm.num_reqs
-        request_ids = ROUTER.step_request_ids(num_reqs)
+        if self.attnserve_all_windowed or ROUTER.model.last_routed_layer is None:
+            request_ids = None      # vLLM's kernel for every row; counted by the group of the other layers
+        else:
+            request_ids = ROUTER.step_request_ids(num_reqs)
         if request_ids is None:
             return RoutedMetadata(cm.num_actual_tokens, super().build(common_prefix_len, cm, fast_build),
                                   None, None)
@@ -371,7 +394,9 @@ class RoutingBuilderMixin:
                 block_table=cm.block_table_tensor.index_select(0, rows_t),
                 token_index=torch.tensor(tokens, dtype=torch.int64, device=device))
             groups.append(RoutedGroup(strategy, step_rows, strategy.plan(step_rows), _as_slice(tokens)))
-        return RoutedMetadata(cm.num_actual_tokens, dense, dense_tokens, dense_slice, groups, stats_rows)
+        all_rows = super().build(common_prefix_len, cm, fast_build) if self.attnserve_some_windowed else None
+        return RoutedMetadata(cm.num_actual_tokens, dense, dense_tokens, dense_slice, groups, stats_rows,
+                              all_rows)
 
 
 class RoutingImplMixin:
@@ -387,6 +412,13 @@ class RoutingImplMixin:
                 output_scale: Optional[Tensor] = None, output_block_scale: Optional[Tensor] = None) -> Tensor:
         """query/output [T, Hq, D]; kv_cache: vLLM's cache of the layer (read by ``strategy_cache_views``)."""
         if attn_metadata is None:   # warm-up
+            return output
+        if self.layer_index is None:
+            self.layer_index = _layer_index(layer)
+        if attn_metadata.groups and ROUTER.model.is_window_layer(self.layer_index):
+            # a sliding-window layer in a group with global layers: vLLM's windowed kernel for every row
+            super().forward(layer, query, key, value, kv_cache, attn_metadata.all_rows, output,
+                            output_scale, output_block_scale)
             return output
         if not attn_metadata.groups:   # every row dense: vLLM's kernel, unchanged
             super().forward(layer, query, key, value, kv_cache, attn_metadata.dense, output,
@@ -407,8 +439,6 @@ class RoutingImplMixin:
                                 attn_metadata.dense, dense_out)
                 output.index_copy_(0, idx, dense_out)
 
-        if self.layer_index is None:
-            self.layer_index = _layer_index(layer)
         key_cache, value_cache = self.strategy_cache_views(kv_cache, layer)
         for group in attn_metadata.groups:
             s = group.token_slice
@@ -487,6 +517,42 @@ def strategy_cache_views(kv_cache: Tensor, layer) -> tuple[Tensor, Tensor]:
     head_size = value_cache.shape[-1]
     key_cache = key_half.reshape(num_blocks, num_kv_heads, head_size, block_size).transpose(2, 3)
     return key_cache, value_cache
+
+
+def attention_layer_facts(vllm_config) -> tuple[Optional[float], tuple[int, ...], int]:
+    """(softmax scale, sliding-window layer indices, their window) from the model's attention layers, as
+    vLLM's impls hold them: Gemma scales by ``query_pre_attn_scalar ** -0.5``, not ``head_size ** -0.5``;
+    Gemma 2/3 put a window on 5 layers of 6. The strategies use the same scale."""
+    from vllm.config import get_layers_from_vllm_config
+    from vllm.model_executor.layers.attention import Attention
+    from vllm.model_executor.models.utils import extract_layer_index
+
+    scales, windows, window_layers = set(), set(), []
+    try:
+        layers = get_layers_from_vllm_config(vllm_config, Attention)
+    except AttributeError:      # a bare config (tests): no layers built
+        layers = {}
+    if not layers:
+        from strategies.base import attention_facts_from_config
+
+        return attention_facts_from_config(vllm_config.model_config.hf_text_config.to_dict())
+    for name, layer in layers.items():
+        impl = getattr(layer, "impl", None)
+        scale = getattr(impl, "scale", None)
+        if scale is not None:
+            scales.add(float(scale))
+        window = getattr(impl, "sliding_window", None)
+        if isinstance(window, (tuple, list)):   # FlashAttention's (left, right)
+            window = window[0] + 1 if window[0] >= 0 else -1
+        if window is not None and window > 0:
+            windows.add(int(window))
+            window_layers.append(extract_layer_index(name))
+    if len(scales) > 1:
+        raise ValueError(f"attnserve: the attention layers use different scales {sorted(scales)}")
+    if len(windows) > 1:
+        raise ValueError(f"attnserve: the sliding-window layers use different windows {sorted(windows)}")
+    return (scales.pop() if scales else None, tuple(sorted(window_layers)),
+            windows.pop() if windows else -1)
 
 
 def _layer_index(layer) -> int:

@@ -246,6 +246,53 @@ class ModelFacts:
     tp_rank: int = 0
     tp_size: int = 1
     layers: Optional[tuple[int, int]] = None    # [first, end) run here; None: all of them
+    # The softmax scale vLLM's attention layers use (Gemma: query_pre_attn_scalar ** -0.5); None: head_size ** -0.5
+    scale: Optional[float] = None
+    # Layers with a sliding window (Gemma 2/3, ...): the strategies leave them to vLLM's own kernel, which
+    # applies the window (a query at position p sees keys p - sliding_window < pos <= p); indices of the model
+    window_layers: tuple[int, ...] = ()
+    sliding_window: int = -1
+
+    @property
+    def attention_scale(self) -> float:
+        return self.scale if self.scale is not None else self.head_size ** -0.5
+
+    def is_window_layer(self, layer: int) -> bool:
+        return layer in self.window_layers
+
+    @property
+    def local_window_layers(self) -> int:
+        """Sliding-window layers this worker runs (vLLM's kernel runs them for every request)."""
+        first, end = self.layer_range
+        return sum(1 for layer in self.window_layers if first <= layer < end)
+
+    @property
+    def routed_layers(self) -> int:
+        """Layers this worker runs where a request's strategy attends (the layers without a window)."""
+        return self.local_layers - self.local_window_layers
+
+    @property
+    def last_routed_layer(self) -> Optional[int]:
+        """The last layer of this worker's range without a window (None: every layer has one)."""
+        first, end = self.layer_range
+        routed = [layer for layer in range(first, end) if layer not in self.window_layers]
+        return routed[-1] if routed else None
+
+    def window_step_pairs(self, query_len: int, seq_len: int) -> float:
+        """(query, key) pairs a sliding-window layer attends in a step of ``query_len`` new tokens
+        ending at ``seq_len``: each query at position p sees min(p + 1, sliding_window) keys."""
+        if self.sliding_window <= 0:
+            return step_pairs(query_len, seq_len)
+        return float(window_pairs(seq_len - query_len, seq_len, self.sliding_window))
+
+    def dense_step_attended(self, query_len: int, seq_len: int) -> float:
+        """Attended pairs of a dense step, a mean over this worker's layers: every pair on the layers
+        without a window, the window's on the others."""
+        pairs = step_pairs(query_len, seq_len)
+        n_window = self.local_window_layers
+        if not n_window:
+            return pairs
+        return (self.routed_layers * pairs + n_window * self.window_step_pairs(query_len, seq_len)) / self.local_layers
 
     @property
     def group_size(self) -> int:
@@ -276,11 +323,34 @@ class ModelFacts:
         path = Path(path).expanduser()
         cfg = json.loads((path / "config.json").read_text())
         heads = cfg["num_attention_heads"]
+        scale, window_layers, window = attention_facts_from_config(cfg)
         return cls(num_layers=cfg["num_hidden_layers"], num_q_heads=heads,
                    num_kv_heads=cfg.get("num_key_value_heads", heads),
                    head_size=cfg.get("head_dim") or cfg["hidden_size"] // heads,
                    kv_block_size=kv_block_size, max_model_len=cfg.get("max_position_embeddings", 2048),
-                   dtype=dtype, model_id=model_id or path.name)
+                   dtype=dtype, model_id=model_id or path.name,
+                   scale=scale, window_layers=window_layers, sliding_window=window)
+
+
+def attention_facts_from_config(cfg: dict) -> tuple[Optional[float], tuple[int, ...], int]:
+    """(softmax scale or None for head_size ** -0.5, sliding-window layer indices, window or -1) from a
+    Hugging Face config: Gemma's ``query_pre_attn_scalar``; ``layer_types`` (or Gemma's sliding-window
+    pattern, or a window on every layer) for the windowed layers. In a worker vLLM's layers say it
+    (``strategies.backend.attention_layer_facts``)."""
+    scalar = cfg.get("query_pre_attn_scalar")
+    scale = None if scalar is None else float(scalar) ** -0.5
+    window = cfg.get("sliding_window") or -1
+    layers = cfg["num_hidden_layers"]
+    window_layers: tuple[int, ...] = ()
+    if window > 0:
+        pattern = cfg.get("sliding_window_pattern") or cfg.get("_sliding_window_pattern")
+        if cfg.get("layer_types") is not None:
+            window_layers = tuple(i for i, t in enumerate(cfg["layer_types"]) if t == "sliding_attention")
+        elif pattern:
+            window_layers = tuple(i for i in range(layers) if (i + 1) % pattern)
+        elif cfg.get("use_sliding_window", True):
+            window_layers = tuple(range(layers))
+    return scale, window_layers, window if window_layers else -1
 
 
 @dataclass
@@ -399,6 +469,13 @@ def dense_indices(seq_lens_cpu: list[int], num_kv_heads: int, device: torch.devi
     return idx.contiguous(), num.contiguous()
 
 
+def window_pairs(context_len: int, seq_len: int, window: int) -> int:
+    """(query, key) pairs of a causal prefill of tokens [context_len, seq_len) under a sliding window:
+    the query at position p sees min(p + 1, window) keys."""
+    full_end = min(seq_len, max(context_len, window))          # queries p < window see p + 1 keys
+    return causal_pairs(context_len, full_end) + (seq_len - full_end) * window
+
+
 def causal_pairs(context_len: int, seq_len: int) -> int:
     """Number of (query, key) pairs of a causal prefill of tokens [context_len, seq_len)."""
     return sum(range(context_len + 1, seq_len + 1))
@@ -474,7 +551,7 @@ class Strategy:
 
     def __init__(self, model: ModelFacts):
         self.model = model
-        self.scale = model.head_size ** -0.5
+        self.scale = model.attention_scale      # what vLLM's attention layers use (not always head_size ** -0.5)
         self.usage: dict[str, AttentionUsage] = {}
 
     # -- capability checks -------------------------------------------------------------------
@@ -540,10 +617,17 @@ class Strategy:
 
     # -- helpers for subclasses --------------------------------------------------------------
     def new_count(self, rows: StepRows) -> StepCount:
+        """A step's count. The sliding-window layers (vLLM's kernel, for every strategy) are counted here,
+        in python: a strategy adds what it attends on the other layers (``routed_layers`` of them)."""
         total = [step_pairs(q, s) for q, s in zip(rows.query_lens_cpu, rows.seq_lens_cpu)]
-        return StepCount(request_ids=list(rows.request_ids), total=total,
-                         attended=torch.zeros(rows.num_rows, dtype=torch.float64, device=rows.device),
-                         decode=[q == 1 for q in rows.query_lens_cpu])
+        count = StepCount(request_ids=list(rows.request_ids), total=total,
+                          attended=torch.zeros(rows.num_rows, dtype=torch.float64, device=rows.device),
+                          decode=[q == 1 for q in rows.query_lens_cpu])
+        n_window = self.model.local_window_layers
+        if n_window:
+            count.attended_host = [n_window * self.model.window_step_pairs(q, s)
+                                   for q, s in zip(rows.query_lens_cpu, rows.seq_lens_cpu)]
+        return count
 
     @staticmethod
     def count_attended(count: StepCount, group: RowGroup, num_idx: Tensor) -> None:

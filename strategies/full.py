@@ -36,7 +36,7 @@ def plan_dense(strategy: Strategy, rows: StepRows) -> DensePlan:
     if decode is not None:
         idx, num = dense_indices(decode.seq_lens_cpu, strategy.model.num_kv_heads, rows.device)
     count = strategy.new_count(rows)
-    count.attended += count.attended.new_tensor(count.total) * strategy.model.local_layers
+    count.attended += count.attended.new_tensor(count.total) * strategy.model.routed_layers
     return DensePlan(decode, prefill, idx, num, count)
 
 

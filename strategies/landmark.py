@@ -110,7 +110,7 @@ class LandmarkStrategy(Strategy):
         groups = []
         if prefill is not None:
             count.attended.index_add_(0, prefill.rows_t, torch.tensor(
-                [count.total[i] * self.model.local_layers for i in prefill.rows], dtype=torch.float64,
+                [count.total[i] * self.model.routed_layers for i in prefill.rows], dtype=torch.float64,
                 device=rows.device))
             for i in prefill.rows:      # the KV may have been recomputed (preemption): re-summarise
                 rid = rows.request_ids[i]

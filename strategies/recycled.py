@@ -165,7 +165,7 @@ class RecycledStrategy(Strategy):
                                       dtype=torch.int32, device=rows.device)
         if prefill is not None:
             count.attended.index_add_(0, prefill.rows_t, torch.tensor(
-                [count.total[i] * self.model.local_layers for i in prefill.rows], dtype=torch.float64,
+                [count.total[i] * self.model.routed_layers for i in prefill.rows], dtype=torch.float64,
                 device=rows.device))
         return RecycledPlan(decode, prefill, states, scheduled, ks, thresholds, strides, count, pool_table)
 

@@ -109,7 +109,7 @@ class SinkStrategy(Strategy):
                 masks.append((prefill, n_sink, window))
             else:
                 masks.extend((row_group(rows, sel), n_sink, window) for (n_sink, window), sel in by_params.items())
-        count.attended += torch.tensor(attended, dtype=torch.float64, device=rows.device) * self.model.local_layers
+        count.attended += torch.tensor(attended, dtype=torch.float64, device=rows.device) * self.model.routed_layers
         return SinkPlan(decode, prefill, idx, num, masks, count)
 
     def run(self, layer: int, query: Tensor, key_cache: Tensor, value_cache: Tensor, plan: SinkPlan,

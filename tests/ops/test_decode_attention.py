@@ -143,3 +143,23 @@ def test_same_as_vllm_cpu_attention_on_a_cache_vllm_wrote():
     ref, _ = reference.sparse_paged_attention(query, key_cache, value_cache, table, token_idx,
                                               num_idx, head_size ** -0.5, False)
     torch.testing.assert_close(ref.float(), vllm_out.float(), **TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("budget,run", [(64, 1), (1024, 16), (4096, 1)])
+def test_gemma3_shape_matches_reference(dtype, budget, run, cpu_isa):
+    """Gemma 3 270M: head size 256 (no specialised kernel: the generic path), one KV head serving a
+    group of 4 query heads, vLLM's CPU page of 128, the query in the cache dtype (bf16: the bf16-dot
+    variant where the CPU has it) and Gemma's scale query_pre_attn_scalar ** -0.5."""
+    seq_lens, num_kv_heads, group, head_size = [1, 130, 700, 2600], 1, 4, 256
+    kv = make_paged_kv(seq_lens, num_kv_heads, head_size, 128, dtype, seed=budget)
+    if run == 1:
+        token_idx, num_idx = random_indices(seq_lens, num_kv_heads, budget, seed=budget)
+    else:
+        token_idx, num_idx = run_indices(seq_lens, num_kv_heads, budget, run, True, seed=budget)
+    query = (3 * torch.randn(len(seq_lens), num_kv_heads * group, head_size)).to(dtype)
+    args = (query, kv.key_cache, kv.value_cache, kv.block_table, token_idx, num_idx, 256 ** -0.5, True)
+    out, mass = compiled(*args)
+    ref_out, ref_mass = reference.sparse_paged_attention(*args)
+    torch.testing.assert_close(out.float(), ref_out.float(), **TOLERANCE[dtype])
+    torch.testing.assert_close(mass, ref_mass, atol=1e-5, rtol=1e-4)

@@ -84,6 +84,7 @@ def run_both(kv, token_idx, num_idx, dst_table, dst_start, num_dst_blocks, dst_p
     ([40, 1000], 3, 128, 128, 32, 130),
     ([5, 700, 130], 1, 64, 32, 128, 90),
     ([260], 4, 80, 128, 8, 256),
+    ([3, 900, 2100], 1, 256, 128, 128, 600),     # Gemma 3 270M: one KV head, head size 256
 ])
 @pytest.mark.parametrize("ordered", [True, False])
 def test_gather_kv_matches_reference(cpu_isa, dtype, src_layout, dst_layout, seq_lens, num_kv_heads,

@@ -83,3 +83,13 @@ def test_window_covering_everything_equals_dense_causal(dtype):
                                                attn_mask=causal)
         expected = dense.permute(2, 0, 1, 3).reshape(qlen, -1, head_size)
         torch.testing.assert_close(out[qsl[b]:qsl[b + 1]].float(), expected, **TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n_sink,window", [(0, -1), (4, 512), (0, 512)])
+def test_gemma3_shape_matches_reference(dtype, n_sink, window):
+    """Gemma 3 270M: head size 256, one KV head for 4 query heads, page 128; causal, and Gemma's
+    sliding window of 512 (n_sink 0) as well as sink + window."""
+    kv, query, qsl = make_batch(dtype, 256, 4, 128, num_kv_heads=1)
+    out, ref = run_both(kv, query, qsl, n_sink=n_sink, window=window)
+    torch.testing.assert_close(out.float(), ref.float(), **TOLERANCE[dtype])

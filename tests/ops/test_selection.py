@@ -26,8 +26,9 @@ SUMMARY_DTYPES = [torch.float32, torch.bfloat16, torch.int8]
 @pytest.mark.parametrize("dtype,page,chunk,layout", [
     (torch.float32, 16, 16, "vllm"), (torch.bfloat16, 128, 16, "vllm"),
     (torch.bfloat16, 128, 32, "rows"), (torch.float32, 128, 8, "vllm")])
-def test_landmark_summaries_match_reference(dtype, page, chunk, layout, summary_dtype):
-    kv = make_paged_kv(SEQ_LENS, 2, 64, page, dtype, layout=layout)
+@pytest.mark.parametrize("num_kv_heads,head_size", [(2, 64), (1, 256)])   # (1, 256): Gemma 3 270M
+def test_landmark_summaries_match_reference(dtype, page, chunk, layout, summary_dtype, num_kv_heads, head_size):
+    kv = make_paged_kv(SEQ_LENS, num_kv_heads, head_size, page, dtype, layout=layout)
     for start in ([0, 0, 0, 0], [0, 9, 290, 2000]):  # full prefill, then partial chunks only
         start_pos = torch.tensor(start, dtype=torch.int32)
         kmin = fresh_summaries(kv, chunk, dtype=summary_dtype)
@@ -180,3 +181,56 @@ def test_topk_from_mass_matches_reference(k, positions):
     assert sel.shape == (B, Hkv, k)
     assert torch.equal(sel, ref_sel) and torch.equal(num, ref_num)
     assert num.tolist() == [[min(k, n) for n in row] for row in num_idx.tolist()]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("k_chunks", [0, 3, 40])
+@pytest.mark.parametrize("summary_dtype", SUMMARY_DTYPES)
+def test_landmark_select_gemma3_shape_matches_reference(dtype, k_chunks, summary_dtype, cpu_isa):
+    """Gemma 3 270M: head size 256 (the generic scoring path), one KV head scoring a group of 4."""
+    num_kv_heads, group, head_size, chunk = 1, 4, 256, 16
+    kv = make_paged_kv(SEQ_LENS, num_kv_heads, head_size, 128, dtype, seed=k_chunks)
+    kmin = fresh_summaries(kv, chunk, dtype=summary_dtype)
+    kmax = fresh_summaries(kv, chunk, dtype=summary_dtype)
+    attn.landmark_update_summaries(kv.key_cache, kv.block_table, torch.zeros(4, dtype=torch.int32),
+                                   kv.seq_lens, chunk, kmin, kmax)
+    ref_min, ref_max = fresh_summaries(kv, chunk, dtype=summary_dtype), fresh_summaries(kv, chunk, dtype=summary_dtype)
+    reference.landmark_update_summaries(kv.key_cache, kv.block_table, torch.zeros(4, dtype=torch.int32),
+                                        kv.seq_lens, chunk, ref_min, ref_max)
+    assert torch.equal(kmin, ref_min) and torch.equal(kmax, ref_max)
+    query = torch.randn(len(SEQ_LENS), num_kv_heads * group, head_size).to(dtype)
+    args = (query, kmin, kmax, kv.block_table, kv.seq_lens, chunk, k_chunks)
+    tokens, count = attn.landmark_select(*args)
+    ref_tokens, ref_count = reference.landmark_select(*args)
+    assert tokens.shape == ref_tokens.shape
+    assert_same_selection(tokens, count, ref_tokens, ref_count)
+
+
+@pytest.mark.parametrize("dtype,pool", [(torch.float32, 64), (torch.bfloat16, 16)])
+def test_seer_pool_keys_gemma3_shape_matches_reference(dtype, pool):
+    """Gemma 3 270M: head size 256, one KV head."""
+    kv = make_paged_kv(SEQ_LENS, 1, 256, 128, dtype)
+    for start in ([0, 0, 0, 0], [0, 5, 299, 2050]):
+        start_pos = torch.tensor(start, dtype=torch.int32)
+        pooled = fresh_summaries(kv, pool, width_factor=3)
+        expected = pooled.clone()
+        attn.seer_pool_keys(kv.key_cache, kv.block_table, start_pos, kv.seq_lens, pool, pooled)
+        reference.seer_pool_keys(kv.key_cache, kv.block_table, start_pos, kv.seq_lens, pool, expected)
+        torch.testing.assert_close(pooled, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("threshold,top_k", [(2e-3, 0), (0.0, 3)])
+def test_seer_select_one_kv_head_matches_reference(threshold, top_k):
+    """One KV head (Gemma 3 270M): seer_select over a single gate head."""
+    pool, gate_dim = 64, 128
+    seq_lens = torch.tensor([1, 65, 3000], dtype=torch.int32)
+    num_blocks = (seq_lens + pool - 1) // pool
+    NB = int(num_blocks.max())
+    generator = torch.Generator().manual_seed(7)
+    q_gate = torch.randn(3, 1, gate_dim, generator=generator)
+    k_gate = torch.randn(3, 1, NB, gate_dim, generator=generator) * 0.3
+    args = (q_gate, k_gate, num_blocks.to(torch.int32), pool, seq_lens, threshold, top_k)
+    tokens, count, probs = attn.seer_select(*args)
+    ref_tokens, ref_count, ref_probs = reference.seer_select(*args)
+    torch.testing.assert_close(probs, ref_probs, atol=1e-6, rtol=1e-5)
+    assert_same_selection(tokens, count, ref_tokens, ref_count)

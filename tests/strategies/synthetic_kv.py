@@ -66,9 +66,11 @@ def logical_kv(cache: torch.Tensor, table_row: torch.Tensor, seq_len: int) -> to
     return cache[table_row.long()[t // PAGE], :, t % PAGE].float()
 
 
-def attention_reference(query: torch.Tensor, kv: PagedKV, rows: StepRows, visible=None) -> torch.Tensor:
+def attention_reference(query: torch.Tensor, kv: PagedKV, rows: StepRows, visible=None,
+                        scale: float | None = None) -> torch.Tensor:
     """Pure torch. query [T, Hq, D]; ``visible(row, q_pos, head_kv) -> bool mask [seq_len]`` (default:
-    causal). Returns fp32 [T, Hq, D]."""
+    causal); ``scale`` of the scores (default head_size ** -0.5). Returns fp32 [T, Hq, D]."""
+    scale = MODEL.head_size ** -0.5 if scale is None else scale
     g = MODEL.group_size
     out = torch.zeros(query.shape, dtype=torch.float32)
     qsl = rows.query_start_loc.tolist()
@@ -83,7 +85,7 @@ def attention_reference(query: torch.Tensor, kv: PagedKV, rows: StepRows, visibl
                 mask = torch.arange(seq) <= q_pos
                 if visible is not None:
                     mask = mask & visible(b, q_pos, hk)
-                s = (k[:, hk] @ query[t, h].float()) / math.sqrt(MODEL.head_size)
+                s = (k[:, hk] @ query[t, h].float()) * scale
                 p = torch.softmax(s.masked_fill(~mask, float("-inf")), dim=0)
                 out[t, h] = p @ v[:, hk]
     return out

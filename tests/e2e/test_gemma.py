@@ -1,0 +1,128 @@
+"""Every strategy on Gemma 3 270M inside the real vLLM engine (issue 22, item 2).
+
+Gemma 3: 18 layers, 15 with a sliding window of 512 (a global layer every 6th), 4 query heads on one KV
+head, head size 256, scores scaled by ``query_pre_attn_scalar ** -0.5``. vLLM runs the sliding-window
+layers with its own windowed kernel for every request (and, with the hybrid KV cache manager, frees the
+blocks behind the window); the strategies run on the global layers (docs/design.md, "Sliding-window
+layers"). Checked here: a budget covering the context gives ``full``'s tokens and logprobs, and a 1/8
+budget on a ~1.5k-token passkey prompt still writes text (before the fix ``landmark`` wrote markup,
+"<em><strong>...", having attended past the window on the windowed layers)."""
+
+from __future__ import annotations
+
+import gc
+import os
+import re
+
+import pytest
+
+from tests.e2e.conftest import assert_same_greedy
+
+pytestmark = pytest.mark.timeout(600)
+
+PAGE = 32
+FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+
+
+@pytest.fixture(scope="module")
+def gemma():
+    from vllm import LLM
+
+    from server.model import prepare_model
+
+    path = prepare_model("gemma3-270m").path
+    saved = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    try:
+        llm = LLM(model=str(path), enforce_eager=True, max_model_len=2048, kv_cache_memory_bytes=192 << 20,
+                  max_num_seqs=8, max_num_batched_tokens=8192, block_size=PAGE, seed=0)
+    finally:
+        if saved is None:
+            os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
+        else:
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = saved
+    yield llm
+    llm.llm_engine.engine_core.shutdown()
+    del llm
+    gc.collect()
+
+
+def sampling(attention: dict, max_tokens: int, logprobs: int | None = None):
+    from vllm import SamplingParams
+
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, logprobs=logprobs,
+                          extra_args={"attention": attention})
+
+
+def generate(llm, prompts: list[list[int]], params: list) -> list:
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    return [o.outputs[0] for o in outs]
+
+
+def passkey_prompt(tokenizer, tokens: int, key: int) -> list[int]:
+    """~``tokens`` tokens (BOS first, as the prepared tokenizer adds it): filler with the key at 1/3."""
+    unit = len(tokenizer(FILLER, add_special_tokens=False)["input_ids"])
+    needle = f"The pass key is {key}. Remember it. {key} is the pass key. "
+
+    def encode(repeats: int) -> list[int]:
+        return tokenizer(FILLER * (repeats // 3) + needle + FILLER * (repeats - repeats // 3)
+                         + "What is the pass key? The pass key is")["input_ids"]
+
+    repeats = max(2, tokens // unit)
+    repeats = max(2, repeats + (tokens - len(encode(repeats))) // unit)
+    ids = encode(repeats)
+    assert ids[0] == tokenizer.bos_token_id
+    return ids
+
+
+def test_the_router_sees_gemmas_windowed_layers_and_scale(gemma):
+    from strategies.backend import ROUTER
+
+    model = ROUTER.model
+    assert model.head_size == 256 and (model.num_q_heads, model.num_kv_heads) == (4, 1)
+    assert model.window_layers == tuple(i for i in range(18) if i % 6 != 5) and model.sliding_window == 512
+    assert model.attention_scale == pytest.approx(256 ** -0.5)    # query_pre_attn_scalar 256, from vLLM's layers
+    assert model.last_routed_layer == 17 and model.routed_layers == 3
+
+
+WHOLE = [{"strategy": "sink", "params": {"n_sink": 4, "window": 4096}},
+         {"strategy": "recycled", "params": {"k": 1.0, "stride": 4, "refresh_threshold": None}},
+         {"strategy": "landmark", "params": {"k_blocks": 1.0, "dense_layers": 0, "block_size": 16}},
+         {"strategy": "seer", "params": {"block_size": 32, "top_k": 1.0, "gates": "identity"}}]
+
+EIGHTH = [{"strategy": "sink", "params": {"n_sink": 4, "window": 192}},
+          {"strategy": "recycled", "params": {"k": 0.125, "stride": 16, "refresh_threshold": None}},
+          {"strategy": "landmark", "params": {"k_blocks": 0.125, "dense_layers": 0, "block_size": 16}},
+          {"strategy": "seer", "params": {"block_size": 32, "top_k": 0.125, "gates": "identity"}}]
+
+
+def test_budget_covering_the_context_gives_full_attention(gemma):
+    """~700 tokens (past the window of 512): every strategy at a whole budget follows ``full`` in the same
+    batch (the windowed layers attend their window whatever the strategy)."""
+    prompt = passkey_prompt(gemma.get_tokenizer(), 700, 40721)
+    full, *outs = generate(gemma, [prompt] * (1 + len(WHOLE)),
+                           [sampling(c, 4, logprobs=2) for c in [{"strategy": "full", "params": {}}, *WHOLE]])
+    for choice, out in zip(WHOLE, outs):
+        assert_same_greedy(out, full, f"{choice}")
+
+
+def looks_like_text(text: str) -> bool:
+    """Words, digits and punctuation: no markup, mostly letters / digits / spaces."""
+    if re.search(r"<[a-zA-Z/]", text) or not text.strip():
+        return False
+    plain = sum(ch.isalnum() or ch.isspace() for ch in text)
+    return plain >= 0.75 * len(text)
+
+
+def test_an_eighth_of_the_context_still_writes_text(gemma):
+    """A ~1.5k-token passkey prompt, each strategy at a 1/8 budget beside ``full``: text, not markup."""
+    tokenizer = gemma.get_tokenizer()
+    prompt = passkey_prompt(tokenizer, 1500, 68351)
+    assert 1400 <= len(prompt) <= 1600
+    choices = [{"strategy": "full", "params": {}}, *EIGHTH]
+    outs = generate(gemma, [prompt] * len(choices), [sampling(c, 12) for c in choices])
+    texts = {c["strategy"]: tokenizer.decode(o.token_ids) for c, o in zip(choices, outs)}
+    print("1/8 budget, ~1.5k tokens:", texts)
+    assert looks_like_text(texts["full"]), texts
+    bad = {name: text for name, text in texts.items() if not looks_like_text(text)}
+    assert not bad, f"not text: {bad} (all: {texts})"
