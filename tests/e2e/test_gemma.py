@@ -25,12 +25,10 @@ FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. Th
 
 
 @pytest.fixture(scope="module")
-def gemma():
+def gemma(gemma_model_dir):
     from vllm import LLM
 
-    from server.model import prepare_model
-
-    path = prepare_model("gemma3-270m").path
+    path = gemma_model_dir
     saved = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     try:

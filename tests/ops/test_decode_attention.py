@@ -88,18 +88,17 @@ def test_all_tokens_equal_dense_sdpa(dtype):
 
 
 def test_same_as_vllm_cpu_attention_on_a_cache_vllm_wrote():
-    """The cache layout we read is the one vLLM writes: vLLM's reshape_and_cache fills the cache,
-    vLLM's decode kernel and ours (all indices, views as strategies.backend builds them) agree."""
+    """The cache layout we read is the one vLLM writes: vLLM's reshape_and_cache fills the cache in the
+    layout the routing backend has it use on this CPU ('vec' where vLLM would pick 'amx'), vLLM's decode
+    kernel and ours (all indices, views as strategies.backend builds them) agree."""
     import vllm._custom_ops as vllm_ops
     from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 
-    from strategies.backend import strategy_cache_views
+    from strategies.backend import readable_cpu_attention_isa, strategy_cache_views
 
     dtype, page, num_kv_heads, num_heads, head_size = torch.bfloat16, 128, 3, 9, 64
     seq_lens = [5, 300, 1000]
-    isa = _get_attn_isa(dtype, page, head_size, "auto")
-    if isa not in ("vec", "vec16"):
-        pytest.skip(f"vLLM picks the {isa!r} layout on this CPU (AMX machines): not supported yet")
+    isa = readable_cpu_attention_isa(_get_attn_isa(dtype, page, head_size, "auto"), x86=True)
     num_blocks = sum(-(-n // page) for n in seq_lens) + 2
     kv_cache = torch.zeros(num_blocks, num_kv_heads, page, 2 * head_size, dtype=dtype)
     vllm_key, vllm_value = kv_cache.view(num_blocks, num_kv_heads, 2 * page, head_size).chunk(2, 2)

@@ -130,17 +130,12 @@ def test_a_warm_up_step_is_not_logged(caplog):
     assert caplog.text == ""
 
 
-def test_gemma3s_windowed_layers_and_scale_without_an_engine():
+def test_gemma3s_windowed_layers_and_scale_without_an_engine(gemma_model_dir):
     """Gemma 3 270M's config (no layers built: the config fallback of attention_layer_facts): 15 of 18
     layers have a window of 512 and run vLLM's kernel; the step finishes after layer 17."""
     from vllm.config import ModelConfig
 
-    from server.model import model_dir
-
-    path = model_dir("gemma3-270m")
-    if not (path / "config.json").is_file():
-        pytest.skip("gemma3-270m is not prepared (attnserve prepare-model gemma3-270m)")
-    router = attached_router(ModelConfig(model=str(path), max_model_len=2048))
+    router = attached_router(ModelConfig(model=str(gemma_model_dir), max_model_len=2048))
     model = router.model
     assert model.window_layers == tuple(i for i in range(18) if i % 6 != 5) and model.sliding_window == 512
     assert model.attention_scale == pytest.approx(256 ** -0.5) and model.routed_layers == 3
