@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import gc
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -69,33 +72,53 @@ def _text_tokens(tokenizer) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-@pytest.fixture(scope="package")
-def engine(tmp_path_factory: pytest.TempPathFactory):
+@contextmanager
+def built_engine(environment: dict[str, str], **engine_args) -> Iterator[Any]:
+    """A ``vllm.LLM`` built while ``environment`` is set (the engine's processes inherit it; then it is
+    as it was), shut down on exit."""
     from vllm import LLM
+    from vllm import envs as vllm_envs
 
-    stats_dir = Path("/dev/shm") / f"attnserve-e2e-{os.getpid()}"
-    saved = {k: os.environ.get(k) for k in ("VLLM_ENABLE_V1_MULTIPROCESSING", "ATTNSERVE_STATS_DIR")}
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    os.environ["ATTNSERVE_STATS_DIR"] = str(stats_dir)
+    saved = {k: os.environ.get(k) for k in environment}
+    os.environ.update(environment)
+    vllm_envs.disable_envs_cache()   # an engine built in this process before cached the environment
     try:
-        # Pages of 32 tokens (CPU pages are multiples of 32) keep sink's window test short; a token
-        # budget that holds the mixed batch's prompts in one step (no chunked prefill in the comparison).
-        llm = LLM(model=str(embedded_model_dir()), enforce_eager=True, max_model_len=4096, kv_cache_memory_bytes=1 << 30,
-                  max_num_seqs=16, max_num_batched_tokens=8192, block_size=PAGE, seed=0,
-                  disable_log_stats=False)
+        llm = LLM(**engine_args)
     finally:
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-    yield Engine(llm, stats_dir)
-    llm.llm_engine.engine_core.shutdown()
-    del llm
-    gc.collect()
-    for path in stats_dir.rglob("*"):
+    try:
+        yield llm
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+        gc.collect()
+
+
+def in_process(**environment: str) -> dict[str, str]:
+    """The engine core and the worker in this process (the tests look at vLLM's block pool and our router)."""
+    return {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", **environment}
+
+
+def remove_files(directory: Path) -> None:
+    for path in directory.rglob("*"):
         if path.is_file():
             path.unlink()
+
+
+@pytest.fixture(scope="package")
+def engine(tmp_path_factory: pytest.TempPathFactory):
+    stats_dir = Path("/dev/shm") / f"attnserve-e2e-{os.getpid()}"
+    # Pages of 32 tokens (CPU pages are multiples of 32) keep sink's window test short; a token
+    # budget that holds the mixed batch's prompts in one step (no chunked prefill in the comparison).
+    with built_engine(in_process(ATTNSERVE_STATS_DIR=str(stats_dir)), model=str(embedded_model_dir()),
+                      enforce_eager=True, max_model_len=4096, kv_cache_memory_bytes=1 << 30, max_num_seqs=16,
+                      max_num_batched_tokens=8192, block_size=PAGE, seed=0, disable_log_stats=False) as llm:
+        yield Engine(llm, stats_dir)
+    remove_files(stats_dir)
 
 
 @pytest.fixture(scope="package")

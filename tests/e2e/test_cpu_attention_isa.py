@@ -5,13 +5,12 @@ it gives on the shared engine (same kernels, same batch)."""
 
 from __future__ import annotations
 
-import gc
 import logging
 
 import pytest
 
 from server.model import embedded_model_dir
-from tests.e2e.conftest import PAGE
+from tests.e2e.conftest import PAGE, built_engine, in_process
 from tests.e2e.test_routing import generate, sampling, strategies_small
 
 pytestmark = pytest.mark.timeout(600)
@@ -29,8 +28,6 @@ class _Records(logging.Handler):
 @pytest.fixture(scope="module")
 def amx_engine():
     """(an engine built while vLLM picks 'amx', what the routing backend warned while building it)"""
-    from vllm import LLM
-    from vllm import envs as vllm_envs
     from vllm.v1.attention.backends import cpu_attn
 
     records = _Records()
@@ -39,17 +36,13 @@ def amx_engine():
     try:
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(cpu_attn, "_get_attn_isa", lambda *args, **kwargs: "amx")
-            patch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-            vllm_envs.disable_envs_cache()   # an engine built in this process cached the environment
-            llm = LLM(model=str(embedded_model_dir()), enforce_eager=True, max_model_len=4096,
-                      kv_cache_memory_bytes=1 << 28, max_num_seqs=16, max_num_batched_tokens=8192,
-                      block_size=PAGE, seed=0)
+            with built_engine(in_process(), model=str(embedded_model_dir()), enforce_eager=True, max_model_len=4096,
+                              kv_cache_memory_bytes=1 << 28, max_num_seqs=16, max_num_batched_tokens=8192,
+                              block_size=PAGE, seed=0) as llm:
+                backend_logger.removeHandler(records)
+                yield llm, records.messages
     finally:
         backend_logger.removeHandler(records)
-    yield llm, records.messages
-    llm.llm_engine.engine_core.shutdown()
-    del llm
-    gc.collect()
 
 
 def test_an_amx_choice_runs_the_readable_vec_layout(amx_engine, engine, text_tokens, seer_gates):

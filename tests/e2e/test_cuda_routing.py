@@ -4,14 +4,12 @@ what it gives alone, and an all-``full`` batch is FlashAttention's own result.""
 
 from __future__ import annotations
 
-import gc
-import os
 
 import pytest
 import torch
 
 from server.model import embedded_model_dir
-from tests.e2e.conftest import _text_tokens
+from tests.e2e.conftest import _text_tokens, built_engine, in_process
 
 
 def _cuda_vllm() -> bool:
@@ -30,23 +28,10 @@ pytestmark = pytest.mark.skipif(not _cuda_vllm(),
 
 @pytest.fixture(scope="module")
 def cuda_llm():
-    from vllm import LLM
-
-    saved = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    try:
-        llm = LLM(model=str(embedded_model_dir()), attention_backend="CUSTOM", enforce_eager=True, max_model_len=4096,
-                  gpu_memory_utilization=0.3, max_num_seqs=16, max_num_batched_tokens=8192, block_size=16,
-                  seed=0, dtype="bfloat16")
-    finally:
-        if saved is None:
-            os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
-        else:
-            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = saved
-    yield llm
-    llm.llm_engine.engine_core.shutdown()
-    del llm
-    gc.collect()
+    with built_engine(in_process(), model=str(embedded_model_dir()), attention_backend="CUSTOM", enforce_eager=True,
+                      max_model_len=4096, gpu_memory_utilization=0.3, max_num_seqs=16, max_num_batched_tokens=8192,
+                      block_size=16, seed=0, dtype="bfloat16") as llm:
+        yield llm
 
 
 def _params(strategy: str | None, params: dict | None = None, max_tokens: int = 16):

@@ -10,13 +10,11 @@ budget on a ~1.5k-token passkey prompt still writes text (before the fix ``landm
 
 from __future__ import annotations
 
-import gc
-import os
 import re
 
 import pytest
 
-from tests.e2e.conftest import assert_same_greedy
+from tests.e2e.conftest import assert_same_greedy, built_engine, in_process
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -26,23 +24,10 @@ FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. Th
 
 @pytest.fixture(scope="module")
 def gemma(gemma_model_dir):
-    from vllm import LLM
-
-    path = gemma_model_dir
-    saved = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    try:
-        llm = LLM(model=str(path), enforce_eager=True, max_model_len=2048, kv_cache_memory_bytes=192 << 20,
-                  max_num_seqs=8, max_num_batched_tokens=8192, block_size=PAGE, seed=0)
-    finally:
-        if saved is None:
-            os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
-        else:
-            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = saved
-    yield llm
-    llm.llm_engine.engine_core.shutdown()
-    del llm
-    gc.collect()
+    with built_engine(in_process(), model=str(gemma_model_dir), enforce_eager=True, max_model_len=2048,
+                      kv_cache_memory_bytes=192 << 20, max_num_seqs=8, max_num_batched_tokens=8192,
+                      block_size=PAGE, seed=0) as llm:
+        yield llm
 
 
 def sampling(attention: dict, max_tokens: int, logprobs: int | None = None):

@@ -7,7 +7,6 @@ None``), so the stage logic is tested on vLLM's own configs in tests/strategies/
 
 from __future__ import annotations
 
-import gc
 import itertools
 import os
 from pathlib import Path
@@ -16,7 +15,7 @@ import pytest
 
 from server.model import embedded_model_dir
 from strategies import stats as stats_io
-from tests.e2e.conftest import PAGE, assert_same_greedy
+from tests.e2e.conftest import PAGE, assert_same_greedy, built_engine, remove_files
 from tests.e2e.test_routing import generate, sampling, strategies_small
 
 pytestmark = pytest.mark.timeout(900)
@@ -27,34 +26,16 @@ TP = 3
 @pytest.fixture(scope="module")
 def tp_engine():
     """The shared engine's settings (tests/e2e/conftest.py) on TP ranks, in worker processes."""
-    from vllm import LLM
-    from vllm import envs as vllm_envs
-
     cores = sorted(os.sched_getaffinity(0))
     stats_dir = Path("/dev/shm") / f"attnserve-tp-{os.getpid()}"
-    env = {"ATTNSERVE_STATS_DIR": str(stats_dir),
-           # one NUMA node here: vLLM's automatic binding wants one per rank, so the ranks share the cores
-           "VLLM_CPU_OMP_THREADS_BIND": "|".join(str(c) for c, _ in zip(itertools.cycle(cores), range(TP)))}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    vllm_envs.disable_envs_cache()   # an engine built in this process cached the environment
-    try:
-        llm = LLM(model=str(embedded_model_dir()), enforce_eager=True, max_model_len=4096,
-                  kv_cache_memory_bytes=1 << 28, max_num_seqs=16, max_num_batched_tokens=8192, block_size=PAGE,
-                  seed=0, tensor_parallel_size=TP, distributed_executor_backend="mp")
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-    yield llm, stats_dir
-    llm.llm_engine.engine_core.shutdown()
-    del llm
-    gc.collect()
-    for path in stats_dir.rglob("*"):
-        if path.is_file():
-            path.unlink()
+    environment = {"ATTNSERVE_STATS_DIR": str(stats_dir),
+                   # one NUMA node here: vLLM's automatic binding wants one per rank, so the ranks share cores
+                   "VLLM_CPU_OMP_THREADS_BIND": "|".join(str(c) for c, _ in zip(itertools.cycle(cores), range(TP)))}
+    with built_engine(environment, model=str(embedded_model_dir()), enforce_eager=True, max_model_len=4096,
+                      kv_cache_memory_bytes=1 << 28, max_num_seqs=16, max_num_batched_tokens=8192,
+                      block_size=PAGE, seed=0, tensor_parallel_size=TP, distributed_executor_backend="mp") as llm:
+        yield llm, stats_dir
+    remove_files(stats_dir)
 
 
 def test_every_strategy_runs_on_tensor_parallel_ranks(tp_engine, engine, text_tokens, seer_gates, monkeypatch):
