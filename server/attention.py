@@ -33,29 +33,13 @@ class AttentionRequest:
     top_level: Any = None  # the `attention` field (None: absent)
     xargs: dict[str, Any] | None = None  # our keys of `vllm_xargs`, if any
 
-    @property
-    def strategy_field(self) -> str:
+    def field(self, key: str) -> str:
+        """How this request spells ``attention.<key>`` (strategy, params or budget)."""
         if self.xargs is None:
-            return "attention.strategy"
+            return f"attention.{key}"
         if XARGS_ATTENTION in self.xargs:
-            return f"vllm_xargs.{XARGS_ATTENTION}.strategy"
-        return f"vllm_xargs.{XARGS_STRATEGY}"
-
-    @property
-    def params_field(self) -> str:
-        if self.xargs is None:
-            return "attention.params"
-        if XARGS_ATTENTION in self.xargs:
-            return f"vllm_xargs.{XARGS_ATTENTION}.params"
-        return f"vllm_xargs.{XARGS_PARAMS}"
-
-    @property
-    def budget_field(self) -> str:
-        if self.xargs is None:
-            return "attention.budget"
-        if XARGS_ATTENTION in self.xargs:
-            return f"vllm_xargs.{XARGS_ATTENTION}.budget"
-        return f"vllm_xargs.{XARGS_BUDGET}"
+            return f"vllm_xargs.{XARGS_ATTENTION}.{key}"
+        return f"vllm_xargs.{XARGS_ATTENTION}_{key}"     # XARGS_STRATEGY, XARGS_PARAMS, XARGS_BUDGET
 
 
 def pop_attention_request(body: dict[str, Any]) -> AttentionRequest:
@@ -100,19 +84,19 @@ class AttentionPolicy:
             reasons = self.unsupported_reasons(choice.strategy)
             if reasons:
                 raise AttentionFieldError(
-                    requested.strategy_field,
+                    requested.field("strategy"),
                     f"strategy {choice.strategy!r} cannot run on this server: " + "; ".join(reasons),
                 )
             if self.model_facts is not None:
                 try:
                     get(choice.strategy).validate_for_model(choice.params, self.model_facts)
                 except ParamError as err:
-                    raise err.under(requested.params_field) from None
+                    raise err.under(requested.field("params")) from None
                 if choice.budget is not None:
                     try:
                         get(choice.strategy).check_budget(choice.params, choice.budget, self.model_facts)
                     except ParamError as err:
-                        raise AttentionFieldError(requested.budget_field, err.message) from None
+                        raise AttentionFieldError(requested.field("budget"), err.message) from None
         except ParamError as err:
             raise AttentionFieldError(err.field, err.message) from None
         return choice
