@@ -227,17 +227,6 @@ def run_serve(args: argparse.Namespace) -> int:
         print(f"attnserve serve: --default-strategy {args.default_strategy!r} is unknown; "
               f"valid strategies: {', '.join(names())}", file=sys.stderr)
         return 2
-    from server.model import ModelError, UnknownModelError
-
-    try:
-        settings = serve_settings(args)
-    except (OSError, UnknownModelError) as err:  # an unreadable --api-keys-file, a bad --model
-        print(f"attnserve serve: {err}", file=sys.stderr)
-        return 2
-    except ModelError as err:  # a named model that could not be installed or assembled
-        print(f"attnserve serve: {err}", file=sys.stderr)
-        return 1
-
     if args.allow_gate_paths:
         import os
         from pathlib import Path
@@ -252,6 +241,17 @@ def run_serve(args: argparse.Namespace) -> int:
         # the environment carries it to vLLM's engine core and workers, which validate requests again
         given = [p for p in os.environ.get(ALLOW_GATE_PATHS_ENV, "").split(os.pathsep) if p]
         os.environ[ALLOW_GATE_PATHS_ENV] = os.pathsep.join(given + [str(d.resolve()) for d in dirs])
+
+    from server.model import ModelError, UnknownModelError
+
+    try:
+        settings = serve_settings(args)
+    except (OSError, UnknownModelError) as err:  # an unreadable --api-keys-file, a bad --model
+        print(f"attnserve serve: {err}", file=sys.stderr)
+        return 2
+    except ModelError as err:  # a named model that could not be installed or assembled
+        print(f"attnserve serve: {err}", file=sys.stderr)
+        return 1
 
     import uvloop
     from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
