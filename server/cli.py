@@ -95,6 +95,12 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--log-level", default="info",
                         choices=["critical", "error", "warning", "info", "debug", "trace"])
+    parser.add_argument(
+        "--allow-gate-paths", dest="allow_gate_paths", action="append", default=[], metavar="DIR",
+        help="let requests name seer gate files by absolute path inside DIR (symlinks resolved; "
+             "repeatable; also $ATTNSERVE_ALLOW_GATE_PATHS, os.pathsep-separated). Default: requests "
+             "name gates only (identity, null, or a name under the gates dir)",
+    )
     add_production_arguments(parser)
 
 
@@ -221,6 +227,21 @@ def run_serve(args: argparse.Namespace) -> int:
         print(f"attnserve serve: --default-strategy {args.default_strategy!r} is unknown; "
               f"valid strategies: {', '.join(names())}", file=sys.stderr)
         return 2
+    if args.allow_gate_paths:
+        import os
+        from pathlib import Path
+
+        from strategies.seer import ALLOW_GATE_PATHS_ENV
+
+        dirs = [Path(d).expanduser() for d in args.allow_gate_paths]
+        missing = [str(d) for d in dirs if not d.is_dir()]
+        if missing:
+            print(f"attnserve serve: --allow-gate-paths: not a directory: {', '.join(missing)}", file=sys.stderr)
+            return 2
+        # the environment carries it to vLLM's engine core and workers, which validate requests again
+        given = [p for p in os.environ.get(ALLOW_GATE_PATHS_ENV, "").split(os.pathsep) if p]
+        os.environ[ALLOW_GATE_PATHS_ENV] = os.pathsep.join(given + [str(d.resolve()) for d in dirs])
+
     from server.model import ModelError, UnknownModelError
 
     try:

@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -49,6 +51,70 @@ def gates_dir() -> Path:
     return Path(os.environ.get("ATTNSERVE_CACHE", "~/.cache/attnserve")).expanduser() / "gates"
 
 
+# -- trust boundary: which gate files a request may make the server open ------------------------------------
+# A request names gates; it does not give paths. A name is looked up under the gates dir and the shipped gates.
+# A path is refused (ParamError on ``gates``) unless the operator allowed directories with
+# ``attnserve serve --allow-gate-paths DIR`` ($ATTNSERVE_ALLOW_GATE_PATHS, os.pathsep-separated, inherited by the
+# workers, which validate again), and then only for files inside one after resolving symlinks. The refusal is
+# the same whether or not the path exists, and no file outside the allowed set is opened or checked for
+# existence (only symlinks along the path are read to resolve it).
+ALLOW_GATE_PATHS_ENV = "ATTNSERVE_ALLOW_GATE_PATHS"
+GATE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
+GATE_NAME_RULE = "letters, digits, '.', '_', '-'; not starting with '.'; no '..'; at most 128 characters"
+GATE_PATH_REFUSED = ("gate file paths are not accepted from requests: name server-side gates instead "
+                     f"(\"{IDENTITY}\", null for the model's default, or a name under the gates dir); "
+                     "the server operator can allow the files inside a directory with --allow-gate-paths DIR")
+GATE_PATH_OUTSIDE = ("this gate path is not inside a directory the server allows (--allow-gate-paths); "
+                     "give an absolute path to a file inside one, or name server-side gates instead")
+
+
+def allowed_gate_dirs() -> list[Path]:
+    """The directories whose gate files requests may name by path (resolved; [] = paths are refused)."""
+    raw = os.environ.get(ALLOW_GATE_PATHS_ENV, "")
+    out = []
+    for part in raw.split(os.pathsep):
+        if part.strip():
+            try:
+                out.append(Path(part.strip()).expanduser().resolve())
+            except (OSError, RuntimeError):
+                continue
+    return out
+
+
+def is_gate_name(gates: str) -> bool:
+    """A name (no path separators, no '..', not hidden) rather than a path."""
+    return bool(GATE_NAME.fullmatch(gates)) and ".." not in gates and not gates.endswith(".safetensors")
+
+
+def allowed_gate_path(gates: str) -> Path:
+    """The resolved file of a ``gates`` path, if inside an allowed directory; else ParamError("gates", ...)
+    with a message that does not depend on whether the path exists."""
+    dirs = allowed_gate_dirs()
+    if not dirs:
+        raise ParamError("gates", GATE_PATH_REFUSED)
+    path = Path(gates)
+    if "\0" in gates or not path.is_absolute():
+        raise ParamError("gates", GATE_PATH_OUTSIDE)
+    try:   # Path.resolve() without its final stat(): symlinks followed, a link out of an allowed dir is outside
+        resolved = Path(os.path.realpath(path))
+    except (OSError, RuntimeError, ValueError):
+        raise ParamError("gates", GATE_PATH_OUTSIDE) from None
+    if not any(resolved.is_relative_to(d) for d in dirs):
+        raise ParamError("gates", GATE_PATH_OUTSIDE)
+    return resolved
+
+
+def check_gates_param(gates: Optional[str]) -> None:
+    """Syntax of a request's ``gates`` (no file is opened): a name, or a path inside an allowed directory."""
+    if gates is None or gates == IDENTITY or is_gate_name(gates):
+        return
+    if "/" in gates or "\\" in gates or gates.endswith(".safetensors"):
+        allowed_gate_path(gates)
+        return
+    raise ParamError("gates", f"invalid gate name {json.dumps(gates[:64])}{'...' if len(gates) > 64 else ''}; "
+                              f"a name has {GATE_NAME_RULE}")
+
+
 def model_name(model_id: str) -> str:
     return Path(model_id.rstrip("/")).name or model_id
 
@@ -62,9 +128,16 @@ class Params(StrategyParams):
                                  "used when top_k is 0")
     top_k: Budget = param(0, minimum=0, doc="0: use threshold; else blocks kept besides the newest: a count, "
                                             "or a fraction (0, 1] of the context's blocks")
-    gates: Optional[str] = param(None, doc="gate weights: a .safetensors path, a name under "
-                                           "$ATTNSERVE_GATES_DIR/<model>/, 'identity' (training-free), or null "
-                                           "for <gates dir>/<model>/seer.safetensors (else the gates shipped in strategies/data/<model>/)")
+    gates: Optional[str] = param(None, doc="gate weights by name: 'identity' (training-free), null for the model's "
+                                           "default (<gates dir>/<model>/seer.safetensors, else the gates shipped in "
+                                           "strategies/data/<model>/), or a name N for <gates dir>/<model>/N.safetensors "
+                                           "(else the shipped N.safetensors); names: " + GATE_NAME_RULE + ". "
+                                           "A path is refused unless the server allows its directory "
+                                           "(--allow-gate-paths DIR): then an absolute path to a .safetensors file "
+                                           "inside it (symlinks resolved)")
+
+    def check(self) -> None:
+        check_gates_param(self.gates)
 
 
 @dataclass(frozen=True)
@@ -161,9 +234,12 @@ def resolve_gates(gates: Optional[str], model: ModelFacts) -> Optional[Path]:
         calibrated = gates_dir() / model_name(model.model_id) / "seer.safetensors"
         shipped = SHIPPED_GATES_DIR / model_name(model.model_id) / "seer.safetensors"
         return shipped if not calibrated.exists() and shipped.exists() else calibrated
-    if "/" in gates or gates.endswith(".safetensors"):
-        return Path(gates).expanduser()
-    return gates_dir() / model_name(model.model_id) / f"{gates}.safetensors"
+    if is_gate_name(gates):
+        calibrated = gates_dir() / model_name(model.model_id) / f"{gates}.safetensors"
+        shipped = SHIPPED_GATES_DIR / model_name(model.model_id) / f"{gates}.safetensors"
+        return shipped if not calibrated.exists() and shipped.exists() else calibrated
+    check_gates_param(gates)            # a bad name or a path outside the allowed directories: ParamError
+    return allowed_gate_path(gates)
 
 
 def rope(x: Tensor, positions: Tensor, theta: float) -> Tensor:
@@ -240,7 +316,12 @@ class SeerStrategy(Strategy):
         if not path.is_file():
             raise ParamError("gates", f"no SeerAttention gates for model {model_name(model.model_id)!r} at "
                                       f"{path}; " + CALIBRATE_HINT)
-        problems = check_gate_metadata(SeerGates.read_metadata(path), model.whole_model(), params.block_size)
+        try:
+            meta = SeerGates.read_metadata(path)
+        except Exception as error:      # not a safetensors file (SafetensorError), unreadable (OSError)
+            raise ParamError("gates", f"{path} is not a readable SeerAttention gate file "
+                                      f"({type(error).__name__}); " + CALIBRATE_HINT) from None
+        problems = check_gate_metadata(meta, model.whole_model(), params.block_size)
         if problems:
             raise ParamError("gates", f"{path} does not fit this model: {'; '.join(problems)}; " + CALIBRATE_HINT)
 

@@ -14,6 +14,13 @@ BLOCK = 16
 SEQ_LEN = 256
 
 
+@pytest.fixture(autouse=True)
+def allow_tmp_gate_paths(tmp_path_factory, monkeypatch):
+    """The calibration tests hand gate files to the seer strategy by path (an operator's local files): allow
+    the session's temporary folders, as `attnserve serve --allow-gate-paths DIR` would."""
+    monkeypatch.setenv("ATTNSERVE_ALLOW_GATE_PATHS", str(tmp_path_factory.getbasetemp().resolve()))
+
+
 @pytest.fixture(scope="session")
 def model_dir() -> Path:
     from server.model import prepare_embedded_model

@@ -127,10 +127,15 @@ def text_tokens(engine) -> list[int]:
 
 
 @pytest.fixture(scope="package")
-def seer_gates(engine, tmp_path_factory) -> str:
-    """A gate file written through strategies.seer's SeerGates API (identity gates, block 32)."""
-    from strategies.seer import SeerGates
+def seer_gates(engine, tmp_path_factory) -> Iterator[str]:
+    """A gate file written through strategies.seer's SeerGates API (identity gates, block 32), in a folder
+    requests may name gate files in (as with `attnserve serve --allow-gate-paths DIR`; the engine runs in
+    this process, so the worker sees the same environment)."""
+    from strategies.seer import ALLOW_GATE_PATHS_ENV, SeerGates
 
-    path = tmp_path_factory.mktemp("gates") / "seer-identity.safetensors"
+    folder = tmp_path_factory.mktemp("gates").resolve()
+    path = folder / "seer-identity.safetensors"
     SeerGates.identity(engine.router().model, block_size=PAGE).save(path)
-    return str(path)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(ALLOW_GATE_PATHS_ENV, str(folder))
+        yield str(path)

@@ -144,3 +144,14 @@ def test_ray_backend_without_ray_fails_at_start_naming_ray(embedded_model_dir, t
     )
     assert result.returncode != 0
     assert "Failed to import Ray" in result.stdout + result.stderr
+
+
+def test_allow_gate_paths_flag(tmp_path, capsys):
+    from server.cli import run_serve
+
+    args = build_parser().parse_args(["serve", "--allow-gate-paths", str(tmp_path),
+                                      "--allow-gate-paths", str(tmp_path / "missing")])
+    assert args.allow_gate_paths == [str(tmp_path), str(tmp_path / "missing")]
+    assert run_serve(args) == 2                       # a folder that is not there: refused at start
+    assert "--allow-gate-paths" in capsys.readouterr().err
+    assert build_parser().parse_args(["serve"]).allow_gate_paths == []

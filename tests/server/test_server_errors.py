@@ -94,8 +94,17 @@ BAD_INPUTS = [
              completion(attention={"strategy": "full"}, vllm_xargs={"attention_strategy": "sink"}),
              "attention", ("twice",)),
     BadInput("strategy-cannot-run", COMPLETIONS,
+             completion(attention={"strategy": "seer", "params": {"gates": "no-such-gates"}}),
+             "attention.params.gates", ("gates", "calibrate")),
+    BadInput("gates-path-refused", COMPLETIONS,
              completion(attention={"strategy": "seer",
                                    "params": {"gates": "/nonexistent/gates.safetensors"}}),
+             "attention.params.gates", ("--allow-gate-paths",)),
+    BadInput("gates-path-refused-existing-file", CHAT,
+             chat(attention={"strategy": "seer", "params": {"gates": "/etc/passwd"}}),
+             "attention.params.gates", ("--allow-gate-paths",)),
+    BadInput("gates-name-traversal", COMPLETIONS,
+             completion(attention={"strategy": "seer", "params": {"gates": "../../seer"}}),
              "attention.params.gates", ("gates",)),
     BadInput("force-tokens-empty", COMPLETIONS,
              completion(vllm_xargs={"attnserve_force_tokens": []}),
@@ -174,3 +183,58 @@ def test_bad_streaming_request_is_a_4xx_before_streaming(http, attnserve_server)
     response = http.post(COMPLETIONS, json=body)
     assert response.status_code == 400
     assert response.json()["error"]["param"] == "attention.strategy"
+
+
+def test_gate_paths_are_refused_alike_whether_or_not_they_exist(http, attnserve_server, tmp_path):
+    """A client cannot learn from the error which files exist on the server."""
+    real = tmp_path / "real.safetensors"
+    real.write_bytes(b"{}")
+    messages = []
+    for gates in (str(real), str(tmp_path / "missing.safetensors"), "/etc/passwd", "/no/such/file"):
+        response = http.post(COMPLETIONS, json={"model": attnserve_server.model, **completion(
+            attention={"strategy": "seer", "params": {"block_size": 32, "gates": gates}})})
+        assert response.status_code == 400, response.text
+        error = response.json()["error"]
+        assert error["param"] == "attention.params.gates", error
+        messages.append(error["message"])
+    assert len(set(messages)) == 1, messages
+
+
+@pytest.fixture(scope="module")
+def gate_dir_server(launch_attnserve, tmp_path_factory):
+    """A server that allows gate files by path inside one folder (holding identity gates, block 32)."""
+    from server.model import embedded_model_dir
+    from strategies.base import ModelFacts
+    from strategies.seer import SeerGates
+
+    config = json.loads((embedded_model_dir() / "config.json").read_text())
+    facts = ModelFacts(num_layers=config["num_hidden_layers"], num_q_heads=config["num_attention_heads"],
+                       num_kv_heads=config["num_key_value_heads"],
+                       head_size=config["hidden_size"] // config["num_attention_heads"], kv_block_size=128,
+                       max_model_len=2048, dtype=None, model_id=str(embedded_model_dir()))
+    allowed = tmp_path_factory.mktemp("allowed-gates").resolve()
+    SeerGates.identity(facts, 32).save(allowed / "mine.safetensors")
+    outside = tmp_path_factory.mktemp("outside-gates").resolve()
+    SeerGates.identity(facts, 32).save(outside / "theirs.safetensors")
+    (allowed / "escape.safetensors").symlink_to(outside / "theirs.safetensors")
+    with launch_attnserve(["--allow-gate-paths", str(allowed)], max_model_len=2048, kv_cache_gib=1) as server:
+        yield server, allowed, outside
+
+
+def test_a_gate_file_inside_an_allowed_dir_serves(gate_dir_server):
+    import httpx
+
+    server, allowed, outside = gate_dir_server
+
+    def ask(gates):
+        return httpx.post(f"{server.base_url}{COMPLETIONS}", timeout=300.0, json={
+            "model": server.model, **completion(attention={"strategy": "seer",
+                                                           "params": {"block_size": 32, "gates": gates}})})
+
+    response = ask(str(allowed / "mine.safetensors"))
+    assert response.status_code == 200, response.text
+    refused = [ask(str(p)) for p in (allowed / "escape.safetensors", outside / "theirs.safetensors",
+                                     allowed / ".." / outside.name / "theirs.safetensors")]
+    assert {r.status_code for r in refused} == {400}, [r.text for r in refused]
+    assert {r.json()["error"]["param"] for r in refused} == {"attention.params.gates"}
+    assert len({r.json()["error"]["message"] for r in refused}) == 1

@@ -270,7 +270,8 @@ def test_seer_prefill_mask_is_block_causal_with_diagonal():
     torch.testing.assert_close(out, attention_reference(query, kv, rows, keep), **TOL[torch.float32])
 
 
-def test_seer_gates_save_load_and_errors(gates_dir):
+def test_seer_gates_save_load_and_errors(gates_dir, monkeypatch):
+    monkeypatch.setenv("ATTNSERVE_ALLOW_GATE_PATHS", str(gates_dir.resolve().parent))   # gate files by path
     gates = SeerGates.identity(MODEL, 32)
     path = gates_dir / "custom.safetensors"
     gates.save(path)
@@ -352,7 +353,7 @@ def test_embedded_model_shapes_one_step(gates_dir):
         strategy.release("r")
 
 
-def test_seer_incremental_gate_keys_equal_recomputed_from_scratch(tmp_path):
+def test_seer_incremental_gate_keys_equal_recomputed_from_scratch(tmp_path, monkeypatch):
     """The decode gate keys are projected once per block and kept per physical page; at every step the
     gate probabilities equal those of a fresh strategy that projects every block now (random gates with
     gate RoPE, so a stale or misplaced block would show)."""
@@ -364,6 +365,7 @@ def test_seer_incremental_gate_keys_equal_recomputed_from_scratch(tmp_path):
                     decode_q=torch.randn(shape_q, generator=g) / 8, decode_k=torch.randn(shape_k, generator=g) / 8)
     path = tmp_path / "random.safetensors"
     gates.save(path)
+    monkeypatch.setenv("ATTNSERVE_ALLOW_GATE_PATHS", str(tmp_path.resolve()))   # a gate file by path
     params = registry.get("seer").Params(block_size=16, top_k=4, gates=str(path))
     kv = make_kv()
     table = block_table([200])
