@@ -73,9 +73,10 @@ def _text_tokens(tokenizer) -> list[int]:
 
 
 @contextmanager
-def built_engine(environment: dict[str, str], **engine_args) -> Iterator[Any]:
+def built_engine(environment: dict[str, str], shutdown: bool = True, **engine_args) -> Iterator[Any]:
     """A ``vllm.LLM`` built while ``environment`` is set (the engine's processes inherit it; then it is
-    as it was), shut down on exit."""
+    as it was), shut down on exit unless ``shutdown`` is false: shutting down an engine that runs in this
+    process destroys vLLM's process-wide parallel state, which the shared engine still uses."""
     from vllm import LLM
     from vllm import envs as vllm_envs
 
@@ -93,7 +94,8 @@ def built_engine(environment: dict[str, str], **engine_args) -> Iterator[Any]:
     try:
         yield llm
     finally:
-        llm.llm_engine.engine_core.shutdown()
+        if shutdown:
+            llm.llm_engine.engine_core.shutdown()
         del llm
         gc.collect()
 

@@ -36,7 +36,9 @@ def amx_engine():
     try:
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(cpu_attn, "_get_attn_isa", lambda *args, **kwargs: "amx")
-            with built_engine(in_process(), model=str(embedded_model_dir()), enforce_eager=True, max_model_len=4096,
+            # in this process (the warning is logged here), so not shut down: see built_engine
+            with built_engine(in_process(), shutdown=False, model=str(embedded_model_dir()), enforce_eager=True,
+                              max_model_len=4096,
                               kv_cache_memory_bytes=1 << 28, max_num_seqs=16, max_num_batched_tokens=8192,
                               block_size=PAGE, seed=0) as llm:
                 backend_logger.removeHandler(records)
