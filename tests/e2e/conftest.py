@@ -72,6 +72,9 @@ def _text_tokens(tokenizer) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+_KEPT_FOR_THE_SESSION: list[Any] = []
+
+
 @contextmanager
 def built_engine(environment: dict[str, str], shutdown: bool = True, **engine_args) -> Iterator[Any]:
     """A ``vllm.LLM`` built while ``environment`` is set (the engine's processes inherit it; then it is
@@ -96,6 +99,8 @@ def built_engine(environment: dict[str, str], shutdown: bool = True, **engine_ar
     finally:
         if shutdown:
             llm.llm_engine.engine_core.shutdown()
+        else:
+            _KEPT_FOR_THE_SESSION.append(llm)     # collecting it would tear that state down too
         del llm
         gc.collect()
 
