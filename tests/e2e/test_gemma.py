@@ -14,7 +14,7 @@ import re
 
 import pytest
 
-from tests.e2e.conftest import assert_same_greedy, built_engine
+from tests.e2e.conftest import assert_same_greedy, built_engine, fresh_prompts
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -41,7 +41,7 @@ def sampling(attention: dict, max_tokens: int, logprobs: int | None = None):
 
 
 def generate(llm, prompts: list[list[int]], params: list) -> list:
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    outs = llm.generate(fresh_prompts(prompts), params, use_tqdm=False)
     return [o.outputs[0] for o in outs]
 
 

@@ -8,7 +8,7 @@ import math
 import pytest
 
 from strategies import stats as stats_io
-from tests.e2e.conftest import assert_same_greedy
+from tests.e2e.conftest import assert_same_greedy, fresh_prompts
 from strategies.base import causal_pairs
 from strategies.sink import sink_visible_pairs
 
@@ -23,7 +23,7 @@ def sampling(attention: dict | None, max_tokens: int, logprobs: int | None = Non
 
 
 def generate(engine, prompts: list[list[int]], params: list) -> list:
-    outs = engine.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    outs = engine.llm.generate(fresh_prompts(prompts), params, use_tqdm=False)
     return [o.outputs[0] for o in outs]
 
 
@@ -84,7 +84,7 @@ def test_small_budget_differs_from_full_and_reports_its_fraction(engine, text_to
     small = strategies_small(seer_gates)
     names = ["full", *small]
     choices = [{"strategy": "full", "params": {}}, *small.values()]
-    outs = engine.llm.generate([{"prompt_token_ids": prompt}] * len(choices),
+    outs = engine.llm.generate(fresh_prompts([prompt] * len(choices)),
                                [sampling(c, n_new, logprobs=1) for c in choices], use_tqdm=False)
     reports = {n: stats_io.read_stats(o.request_id) for n, o in zip(names, outs)}
     gens = {n: o.outputs[0] for n, o in zip(names, outs)}
