@@ -342,9 +342,9 @@ def managed_server(serve_args: list[str], log_path: Path, timeout_s: float = 900
         stop_process_group(process)
 
 
-def add_server_arguments(parser) -> None:
+def add_server_arguments(parser, required: bool = True) -> None:
     """--base-url / --start-server (+ --serve-arg), shared by eval and bench."""
-    target = parser.add_mutually_exclusive_group(required=True)
+    target = parser.add_mutually_exclusive_group(required=required)
     target.add_argument("--base-url", help="a running attnserve server, e.g. http://127.0.0.1:8000")
     target.add_argument("--start-server", action="store_true",
                         help="start `attnserve serve` on a free loopback port and stop it after")

@@ -308,6 +308,27 @@ def text_metrics(jobs: list[Job]) -> None:
             job.extra.update(decode_nll=nll, decode_ppl_ratio=fid.ppl_ratio(nll, full_nll))
 
 
+FULL_PASSES = 80.0   # a cell counts only where `full` scores at least this (else "full fails")
+Z95 = 1.959964
+
+
+def wilson_interval(successes: float, n: int, z: float = Z95) -> tuple[float, float] | None:
+    """The 95% Wilson score interval of a proportion, in [0, 1] (scores in [0, 1] summed as successes:
+    exact for pass/fail tasks, an approximation for the fractional multi-reference scores)."""
+    if n <= 0:
+        return None
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def score_cell(scores: list[float]) -> dict:
+    """Mean task score (x100), its 95% interval (x100) and the sample count."""
+    ci = wilson_interval(sum(scores) / 100.0, len(scores))
+    return {"mean": mean(scores), "ci": None if ci is None else [100 * ci[0], 100 * ci[1]], "n": len(scores)}
+
+
 def mean(values: list[float]) -> float | None:
     values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
     return sum(values) / len(values) if values else None
@@ -334,6 +355,7 @@ def aggregate(records: list[dict], configs: list[Config], lengths: list[int], nu
             for r in task_recs:
                 per_task[r["task"]].append(r["score"])
             task_scores = {t: mean(v) for t, v in sorted(per_task.items())}
+            task_cells = {t: score_cell(v) for t, v in sorted(per_task.items())}
             text = [r for r in ok if r["kind"] == "text"]
             ppl = [r for r in ok if r["kind"] == "ppl"]
             forced = [r for r in ok if r["kind"] == "forced"]
@@ -346,7 +368,9 @@ def aggregate(records: list[dict], configs: list[Config], lengths: list[int], nu
                 "prompt_len": mean([r["prompt_len"] for r in recs]),
                 "nominal_fraction": nominal_fraction(config.strategy, params, length, num_layers),
                 "attended_fraction": mean([(r.get("attention") or {}).get("attended_fraction") for r in ok]),
-                "task_scores": task_scores,
+                "decode_attended_fraction": mean([(r.get("attention") or {}).get("decode_attended_fraction")
+                                                  for r in ok]),
+                "task_scores": task_scores, "task_cells": task_cells,
                 "score": mean(list(task_scores.values())) if task_scores else None,
                 "n_task_samples": len(task_recs),
                 "agreement": mean([r.get("agreement") for r in text]),
@@ -363,7 +387,25 @@ def aggregate(records: list[dict], configs: list[Config], lengths: list[int], nu
                 "errors": len(recs) - len(ok),
                 "first_error": next((r["error"] for r in recs if not r["ok"]), None),
             })
+    mark_against_full(rows)
     return rows
+
+
+def mark_against_full(rows: list[dict]) -> None:
+    """Per row and task: `full`'s score at the same length, and the row's score over it where `full`
+    passes (>= FULL_PASSES), else None with the task listed in `full_fails` (the cell measures the
+    task's difficulty for the model, not the strategy's loss)."""
+    full = {r["length"]: r for r in rows if r["strategy"] == "full"}
+    for r in rows:
+        reference = full.get(r["length"])
+        r["vs_full"], r["full_fails"] = {}, []
+        for task, score in r["task_scores"].items():
+            full_score = reference["task_scores"].get(task) if reference else None
+            if full_score is None or full_score < FULL_PASSES:
+                r["full_fails"].append(task)
+                r["vs_full"][task] = None
+            else:
+                r["vs_full"][task] = None if score is None else score / full_score
 
 
 def command_line(args: argparse.Namespace) -> str:
@@ -488,7 +530,8 @@ def run_sweep(args: argparse.Namespace, base_url: str) -> dict:
     elapsed = (dt.datetime.now(dt.timezone.utc) - started).total_seconds()
     text_metrics(jobs)
     records = [job_record(j, tokenizer) for j in jobs]
-    rows = aggregate(records, configs, lengths, model_layers(args.tokenizer))
+    num_layers = model_layers(args.tokenizer)
+    rows = aggregate(records, configs, lengths, num_layers)
     result = {
         "meta": {
             "date": started.strftime("%Y-%m-%d %H:%M UTC"),
@@ -503,7 +546,7 @@ def run_sweep(args: argparse.Namespace, base_url: str) -> dict:
             "configs": [{"label": c.label, "strategy": c.strategy, "budget": c.budget, "extra": c.extra_dict}
                         for c in configs],
             "dense_prefill": {n: (offered.get(n) or {}).get("dense_prefill") for n in strategies},
-            "requests": len(jobs), "errors": sum(1 for r in records if not r["ok"]),
+            "requests": len(jobs), "errors": sum(1 for r in records if not r["ok"]), "num_layers": num_layers,
         },
         "rows": rows,
     }
@@ -546,13 +589,21 @@ def markdown(result: dict, plots: list[str]) -> str:
         lines += ["", "Fixed parameters: " + "; ".join(sorted(set(extras))) + "."]
     tasks = sorted({t for r in rows for t in r["task_scores"]})
     if tasks:
-        lines += ["", "### Task scores (RULER string match, x100)", "",
-                  "| config | length | keep | " + " | ".join(tasks) + " | mean | n |",
-                  "|---|---:|---:|" + "---:|" * len(tasks) + "---:|---:|"]
+        lines += ["", "### Task scores (RULER string match, x100; [95% Wilson interval]; / full: the score over "
+                  f"`full`'s at the same length, left out where `full` scores below {FULL_PASSES:.0f})", "",
+                  "| config | length | keep | decode share | " + " | ".join(f"{t} | / full" for t in tasks) + " | n |",
+                  "|---|---:|---:|---:|" + "---:|---:|" * len(tasks) + "---:|"]
         for r in rows:
+            cells = []
+            for t in tasks:
+                cell = (r.get("task_cells") or {}).get(t) or {"mean": r["task_scores"].get(t), "ci": None}
+                interval = f" [{cell['ci'][0]:.0f}–{cell['ci'][1]:.0f}]" if cell.get("ci") else ""
+                cells.append(fmt(cell["mean"]) + interval)
+                ratio = (r.get("vs_full") or {}).get(t)
+                cells.append("full fails" if t in (r.get("full_fails") or []) else fmt(ratio, 2))
             lines.append(f"| {r['config']} | {r['length']} | {fmt(r['nominal_fraction'], 3)} | "
-                         + " | ".join(fmt(r["task_scores"].get(t)) for t in tasks)
-                         + f" | {fmt(r['score'])} | {r['n_task_samples']} |")
+                         f"{fmt(r.get('decode_attended_fraction'), 3)} | "
+                         + " | ".join(cells) + f" | {r['n_task_samples']} |")
     lines += ["", "### Fidelity to full attention (natural text, 64 greedy tokens)", "",
               "| config | length | keep | agreement | prefix | KL (nats) | decode ppl ratio | "
               "prompt ppl ratio | n |",
@@ -569,7 +620,9 @@ def markdown(result: dict, plots: list[str]) -> str:
         err = f"{r['errors']}" + (f" ({r['first_error'][:80]})" if r["errors"] else "")
         lines.append(f"| {r['config']} | {r['length']} | {fmt(r['ttft_ms'], 0)} | {fmt(r['tpot_ms'], 1)} | "
                      f"{fmt(r['attended_fraction'], 3)} | {err} |")
-    lines += ["", "keep: the share of the context one decode step attends (nominal, from the parameters); "
+    lines += ["", "keep: the share of the context one decode step attends (nominal, from the parameters, on the "
+              "layers the strategy acts on); decode share: the server's report of the decode steps' "
+              "attended share, every layer counted (a model's sliding-window layers attend their window); "
               "agreement/prefix: greedy tokens equal to full's (position-wise / common prefix); KL: "
               "mean KL(full || strategy) over full's top-20 + other, on the common prefix; decode ppl "
               "ratio: perplexity of the text's true next 64 tokens, teacher-forced, over full's, "
@@ -688,7 +741,7 @@ def write_report(result: dict, out: Path, doc: Path | None = None) -> None:
         rel = os.path.relpath(out.resolve(), doc.resolve().parent)
         command = result["meta"].get("command") or "attnserve eval ..."
         header = [
-            "# Evaluation results: the embedded model",
+            f"# Evaluation results: {result['meta'].get('model') or 'the served model'}",
             "",
             "Generated by `attnserve eval` (docs/evaluation.md); do not edit by hand. Regenerate with:",
             "",
@@ -709,7 +762,7 @@ def write_report(result: dict, out: Path, doc: Path | None = None) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_server_arguments(parser)
+    add_server_arguments(parser, required=False)   # one of them unless --report-from
     parser.add_argument("--strategies", default=DEFAULT_STRATEGIES,
                         help="comma-separated strategies (full is always run as the reference); "
                              "those the server marks unavailable are skipped")
@@ -740,9 +793,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also write this Markdown page (title, the command, tables, plots linked "
                              "relative to it), e.g. docs/results.md")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--report-from", default=None, metavar="DIR",
+                        help="only rebuild the tables and plots (and --doc) from a finished run's folder")
+
+
+def rebuild(out: Path, doc: Path | None = None, tokenizer: str | None = None) -> dict:
+    """The rows, tables and plots again from a finished run's raw data (`sweep.json`'s meta and
+    `outputs.jsonl`), e.g. after the report gained a column; nothing is sent to a server."""
+    result = json.loads((out / "sweep.json").read_text())
+    records = [json.loads(line) for line in (out / "outputs.jsonl").read_text().splitlines() if line.strip()]
+    meta = result["meta"]
+    configs = [Config(c["strategy"], c["budget"], tuple(sorted(c["extra"].items()))) for c in meta["configs"]]
+    num_layers = meta.get("num_layers") or model_layers(tokenizer)
+    result["rows"] = aggregate(records, configs, meta["lengths"], num_layers)
+    (out / "sweep.json").write_text(json.dumps(result, indent=1))
+    write_report(result, out, doc)
+    return result
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.report_from:
+        out = Path(args.report_from)
+        rebuild(out, Path(args.doc) if args.doc else None, args.tokenizer)
+        print((out / "results.md").read_text())
+        return 0
+    if not (args.base_url or args.start_server):
+        raise SystemExit("attnserve eval: one of --base-url, --start-server (or --report-from) is required")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with server_from_args(args, out) as base_url:

@@ -151,3 +151,51 @@ def test_recommend_max_ppl_ratio():
     assert {e["config"] for e in out["rejected"]} == {"sink@128", "landmark@0.125"}
     del result["rows"][-1]["decode_ppl_ratio"]  # recycled@0.25 at 4096: not measured
     assert rec.recommend(result, 0.4, 4000, max_ppl_ratio=1.05)["choice"]["config"] == "full"
+
+
+def test_wilson_interval_of_a_task_score():
+    lo, hi = sw.wilson_interval(24, 24)
+    assert hi == pytest.approx(1.0) and lo == pytest.approx(0.862, abs=1e-3)     # 24/24 still allows 86%
+    lo, hi = sw.wilson_interval(12, 24)
+    assert lo == pytest.approx(0.314, abs=2e-3) and hi == pytest.approx(0.686, abs=2e-3)
+    assert sw.wilson_interval(0, 0) is None
+    cell = sw.score_cell([100.0] * 20 + [0.0] * 4)
+    assert cell["n"] == 24 and cell["mean"] == pytest.approx(100 * 20 / 24)
+    assert cell["ci"][0] < cell["mean"] < cell["ci"][1]
+
+
+def test_scores_are_compared_with_full_only_where_full_passes():
+    def row(strategy, length, scores):
+        return {"strategy": strategy, "length": length, "task_scores": scores}
+    rows = [row("full", 2048, {"passkey": 100.0, "vt": 50.0}), row("landmark", 2048, {"passkey": 90.0, "vt": 50.0}),
+            row("full", 4096, {"passkey": 79.0}), row("landmark", 4096, {"passkey": 79.0})]
+    sw.mark_against_full(rows)
+    assert rows[1]["vs_full"] == {"passkey": 0.9, "vt": None} and rows[1]["full_fails"] == ["vt"]
+    assert rows[3]["vs_full"] == {"passkey": None} and rows[3]["full_fails"] == ["passkey"]
+
+
+def test_the_report_is_rebuilt_from_a_runs_raw_data(tmp_path):
+    """`attnserve eval --report-from DIR`: rows, tables and the doc again from sweep.json + outputs.jsonl."""
+    import json
+
+    def record(config, strategy, budget, score):
+        return {"kind": "task", "config": config, "strategy": strategy, "budget": budget, "length": 1024,
+                "task": "passkey", "ok": True, "score": score, "prompt_len": 1000, "tpot_s": 0.01,
+                "ttft_s": 0.1, "attention": {"attended_fraction": 0.5, "decode_attended_fraction": 0.2}}
+    records = [record("full", "full", None, 100.0)] * 24 + [record("sink@0.125", "sink", 0.125, 0.0)] * 24
+    meta = {"date": "d", "machine": "m", "model": "gemma-3-270m", "max_model_len": 2048, "requests": 48,
+            "elapsed_s": 1.0, "concurrency": 4, "errors": 0, "tasks": ["passkey"], "depths": [0.5], "samples": 24,
+            "fidelity_samples": 0, "seed": 0, "lengths": [1024], "num_layers": 18, "command": "attnserve eval ...",
+            "configs": [{"label": "full", "strategy": "full", "budget": None, "extra": {}},
+                        {"label": "sink@0.125", "strategy": "sink", "budget": 0.125, "extra": {}}]}
+    (tmp_path / "sweep.json").write_text(json.dumps({"meta": meta, "rows": []}))
+    (tmp_path / "outputs.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    doc = tmp_path / "doc" / "results.md"
+    assert sw.main(["--report-from", str(tmp_path), "--doc", str(doc)]) == 0
+    rows = {r["config"]: r for r in json.loads((tmp_path / "sweep.json").read_text())["rows"]}
+    assert rows["full"]["task_cells"]["passkey"]["n"] == 24 and rows["sink@0.125"]["vs_full"] == {"passkey": 0.0}
+    assert rows["sink@0.125"]["decode_attended_fraction"] == pytest.approx(0.2)
+    text = doc.read_text()
+    assert text.startswith("# Evaluation results: gemma-3-270m")
+    assert "| full | 1024 | 1.000 | 0.200 | 100.0 [86–100] | 1.00 | 24 |" in text
+    assert "| sink@0.125 | 1024 | 0.125 | 0.200 | 0.0 [0–14] | 0.00 | 24 |" in text

@@ -8,6 +8,8 @@ from server.cli import build_parser, serve_settings
 from server.config import (
     GiB,
     ServeSettings,
+    cpu_dtype_argv,
+    cpu_has_native_bf16,
     engine_arg_to_argv,
     forcing_enabled,
     logits_processors_argv,
@@ -155,3 +157,30 @@ def test_allow_gate_paths_flag(tmp_path, capsys):
     assert run_serve(args) == 2                       # a folder that is not there: refused at start
     assert "--allow-gate-paths" in capsys.readouterr().err
     assert build_parser().parse_args(["serve"]).allow_gate_paths == []
+
+
+def _model_folder(path, dtype: str, key: str = "dtype"):
+    path.mkdir()
+    (path / "config.json").write_text(f'{{"{key}": "{dtype}"}}')
+    return str(path)
+
+
+def test_a_bf16_model_is_served_in_float32_on_a_cpu_without_native_bf16(tmp_path):
+    bf16 = _model_folder(tmp_path / "bf16", "bfloat16")
+    f32 = _model_folder(tmp_path / "f32", "float32")
+    assert cpu_dtype_argv(bf16, (), native_bf16=False) == ["--dtype", "float32"]
+    assert cpu_dtype_argv(bf16, (), native_bf16=True) == []
+    assert cpu_dtype_argv(f32, (), native_bf16=False) == []
+    older = _model_folder(tmp_path / "older", "bfloat16", key="torch_dtype")   # transformers < 4.56
+    assert cpu_dtype_argv(older, (), native_bf16=False) == ["--dtype", "float32"]
+    assert cpu_dtype_argv(bf16, (("dtype", "bfloat16"),), native_bf16=False) == []   # explicit wins
+    settings = ServeSettings(model=bf16, served_model_name="m", engine_args=(("dtype", "bfloat16"),))
+    assert settings.vllm_namespace().dtype == "bfloat16"
+
+
+@pytest.mark.parametrize("flags, native", [("fpu avx2 fma", False), ("avx512f avx512_bf16", True),
+                                           ("avx512f amx_bf16 amx_tile", True)])
+def test_native_bf16_is_read_from_the_cpu_flags(tmp_path, flags, native):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+    assert cpu_has_native_bf16(cpuinfo) is native
