@@ -353,7 +353,8 @@ def add_server_arguments(parser, required: bool = True) -> None:
                              "e.g. --serve-arg=--max-model-len --serve-arg=8192)")
     parser.add_argument("--model", default=None, help="the served model name (default: the first listed)")
     parser.add_argument("--tokenizer", default=None,
-                        help="tokenizer folder or id (default: the embedded model's)")
+                        help="tokenizer folder or id (default: the served model's folder when the server "
+                             "runs on this machine, else the embedded model's)")
 
 
 @contextlib.contextmanager
