@@ -9,6 +9,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from strategies.registry import DEFAULT_STRATEGY
+
 logger = logging.getLogger(__name__)
 
 GiB = 1 << 30
@@ -16,7 +18,6 @@ GiB = 1 << 30
 DEFAULT_PORT = 8000
 DEFAULT_MAX_MODEL_LEN = 8192
 DEFAULT_KV_CACHE_GIB = 2.0
-DEFAULT_STRATEGY = "full"
 DEFAULT_MAX_CONCURRENT_REQUESTS = 256
 DEFAULT_MAX_N = 16
 DEFAULT_MAX_BODY_BYTES = 16 * (1 << 20)

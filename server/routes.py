@@ -33,7 +33,7 @@ from server.attention import (
     extra_args_for,
     pop_attention_request,
 )
-from server.config import ServeSettings
+from server.config import DEFAULT_STRATEGY, ServeSettings
 from server.errors import bad_request, error_response
 from server.forcing import (
     FORCE_TOKENS_KEY,
@@ -483,7 +483,7 @@ class ObservedEngineClient:
 
     async def generate(self, prompt: Any, sampling_params: Any, request_id: str, *args, **kwargs):
         extra = getattr(sampling_params, "extra_args", None) or {}
-        strategy = (extra.get("attention") or {}).get("strategy", "full")
+        strategy = (extra.get("attention") or {}).get("strategy", DEFAULT_STRATEGY)
         start = time.monotonic()
         first = last = None
         tokens = 0

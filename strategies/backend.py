@@ -40,10 +40,9 @@ from vllm.v1.attention.backends.cpu_attn import (
 
 from strategies import stats as stats_io
 from strategies.base import AttentionUsage, ModelFacts, StepRows, Strategy, step_pairs
+from strategies.registry import FULL
 
 logger = logging.getLogger(__name__)
-
-FULL = "full"
 
 
 # --------------------------------------------------------------------------------------------------

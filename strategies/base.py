@@ -546,7 +546,7 @@ class Strategy:
     Params: ClassVar[type[StrategyParams]]
     description: ClassVar[str]
     dense_prefill: ClassVar[bool] = True    # True: prefill rows may go to vLLM's own dense kernel
-    releases_kv: ClassVar[bool] = False     # True: KV blocks it never reads again go back to vLLM's pool
+    releases_kv: ClassVar[bool] = False     # True: ``kept_kv`` says which KV it reads; the rest goes back to the pool
     budget_param: ClassVar[Optional[str]] = None   # the param a request's ``attention.budget`` sets; None: no budget
 
     def __init__(self, model: ModelFacts):
@@ -578,6 +578,13 @@ class Strategy:
         never below the strategy's minimum. Later steps see more context and the same count. ``model`` is
         None in vLLM's scheduler, where strategies that release KV (``releases_kv``) map their budget."""
         raise NotImplementedError(f"strategy {cls.name!r} takes no budget")
+
+    @classmethod
+    def kept_kv(cls, params: StrategyParams) -> Optional[tuple[int, int]]:
+        """``(n_first, window)`` when a decode step reads only the first ``n_first`` tokens and the newest
+        ``window`` ones, so the scheduler gives the blocks between them back to vLLM's pool (``releases_kv``;
+        strategies/kv_release.py); None (the default) when any token may be read again."""
+        return None
 
     @classmethod
     def validate_for_model(cls, params: StrategyParams, model: ModelFacts) -> None:

@@ -29,14 +29,14 @@ _POLICY_ATTR = "_attnserve_kv_policy"
 
 class KvPolicy:
     """What the scheduler needs of one request's choice, computed once per request."""
-    __slots__ = ("full", "cacheable_prompt", "sink_first_token", "sink_window")
+    __slots__ = ("full", "cacheable_prompt", "kept_first_tokens", "kept_window")
 
-    def __init__(self, full: bool, cacheable_prompt: bool, sink_first_token: int = 0,
-                 sink_window: Optional[int] = None):
+    def __init__(self, full: bool, cacheable_prompt: bool, kept_first_tokens: int = 0,
+                 kept_window: Optional[int] = None):
         self.full = full
         self.cacheable_prompt = cacheable_prompt
-        self.sink_first_token = sink_first_token    # tokens [0, this) are the sinks
-        self.sink_window = sink_window              # None: not a sink request
+        self.kept_first_tokens = kept_first_tokens  # tokens [0, this) are always read (sink: the sinks)
+        self.kept_window = kept_window              # the newest tokens read; None: the request releases nothing
 
 
 _FULL = KvPolicy(full=True, cacheable_prompt=True)
@@ -52,14 +52,12 @@ def policy_of(request: Any) -> KvPolicy:
         from strategies import registry
 
         choice = registry.AttentionChoice.from_extra_args(extra)
-        if choice.strategy != "full":
+        if choice.strategy != registry.FULL:
             cls = registry.get(choice.strategy)
+            kept = None
             if cls.releases_kv:     # the same params as the worker's (Router.choice)
-                choice = choice.for_context(request.num_prompt_tokens, model=None)
-            if choice.strategy == "sink":
-                policy = KvPolicy(False, cls.dense_prefill, int(choice.params.n_sink), int(choice.params.window))
-            else:
-                policy = KvPolicy(False, cls.dense_prefill)
+                kept = cls.kept_kv(choice.for_context(request.num_prompt_tokens, model=None).params)
+            policy = KvPolicy(False, cls.dense_prefill, *(kept or ()))
     try:
         setattr(request, _POLICY_ATTR, policy)
     except AttributeError:
@@ -67,13 +65,13 @@ def policy_of(request: Any) -> KvPolicy:
     return policy
 
 
-def sink_free_range(policy: KvPolicy, processed: int, num_prompt_tokens: int, block_size: int,
-                    dense_prefill: bool) -> tuple[int, int]:
-    """Blocks ``[first, last)`` of a sink request that no future query reads."""
-    if policy.sink_window is None or (dense_prefill and processed < num_prompt_tokens):
+def released_range(policy: KvPolicy, processed: int, num_prompt_tokens: int, block_size: int,
+                   dense_prefill: bool) -> tuple[int, int]:
+    """Blocks ``[first, last)`` of a request that no future query reads."""
+    if policy.kept_window is None or (dense_prefill and processed < num_prompt_tokens):
         return 0, 0
-    first = -(-policy.sink_first_token // block_size)
-    last = max(0, processed - policy.sink_window) // block_size
+    first = -(-policy.kept_first_tokens // block_size)
+    last = max(0, processed - policy.kept_window) // block_size
     return first, last
 
 
@@ -90,11 +88,11 @@ def install() -> None:
 
     def allocate_slots(self, request, *args, **kwargs):
         policy = policy_of(request)
-        if policy.sink_window is not None:
+        if policy.kept_window is not None:
             processed = max(0, request.num_computed_tokens - request.num_in_flight_tokens)
             for manager in self.coordinator.single_type_managers:
                 if isinstance(manager, FullAttentionManager):
-                    first, last = sink_free_range(policy, processed, request.num_prompt_tokens,
+                    first, last = released_range(policy, processed, request.num_prompt_tokens,
                                                   manager.block_size, policy.cacheable_prompt)
                     if first < last:
                         manager._remove_blocks_in_range(request.request_id, first, last)

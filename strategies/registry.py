@@ -17,7 +17,8 @@ from strategies.base import Budget, ModelFacts, ParamError, ParamSpec, Strategy,
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_STRATEGY = "full"
+FULL = "full"     # vLLM's own dense attention: the control, and what every request runs by default
+DEFAULT_STRATEGY = FULL
 _BUILTIN_MODULES = ("full", "sink", "recycled", "landmark", "seer")
 _STRATEGIES: dict[str, type[Strategy]] = {}
 _loaded = False

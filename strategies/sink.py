@@ -76,6 +76,10 @@ class SinkStrategy(Strategy):
         window = int(budget_tokens(budget, context_len)) - params.n_sink
         return dataclasses.replace(params, window=max(1, window))
 
+    @classmethod
+    def kept_kv(cls, params: Params) -> tuple[int, int]:
+        return int(params.n_sink), int(params.window)
+
     def plan(self, rows: StepRows) -> SinkPlan:
         decode, prefill = split_rows(rows)
         hkv = self.model.num_kv_heads
