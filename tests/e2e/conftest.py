@@ -68,11 +68,12 @@ def assert_same_greedy(out, reference, what: str, tolerance: float = NEAR_TIE_NA
         assert gap <= tolerance, f"{what}: token {i} ({token}) logprob differs by {gap:.4f} from the reference"
 
 
-def fresh_prompts(prompts: list[list[int]]) -> list[dict]:
-    """The prompts under a cache salt of their own: they share prefix-cache blocks with each other (one
-    batch, one shape) but never with an earlier call, whose KV was computed in another batch shape
-    (vLLM's CPU path is not batch-invariant: reusing it moved a ``full`` row by 0.19 nats)."""
-    salt = uuid.uuid4().hex
+def fresh_prompts(prompts: list[list[int]], salt: str | None = None) -> list[dict]:
+    """The prompts under a prefix-cache salt (a new one unless given): they share blocks with each other
+    (one batch, one shape) and with calls given the same salt, never with other calls, whose KV may have
+    been computed in another batch shape (vLLM's CPU path is not batch-invariant: reusing such KV moved a
+    ``full`` row by 0.19 nats)."""
+    salt = salt or uuid.uuid4().hex
     return [{"prompt_token_ids": p, "cache_salt": salt} for p in prompts]
 
 
