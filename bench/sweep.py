@@ -607,11 +607,13 @@ def markdown(result: dict, plots: list[str]) -> str:
         for r in rows:
             cells = []
             for t in tasks:
-                cell = (r.get("task_cells") or {}).get(t) or {"mean": r["task_scores"].get(t), "ci": None}
-                interval = f" [{cell['ci'][0]:.0f}–{cell['ci'][1]:.0f}]" if cell.get("ci") else ""
+                cell = r["task_cells"].get(t)
+                if cell is None:     # a task this configuration has no scored sample of
+                    cells += ["–", "–"]
+                    continue
+                interval = f" [{cell['ci'][0]:.0f}–{cell['ci'][1]:.0f}]" if cell["ci"] else ""
                 cells.append(fmt(cell["mean"]) + interval)
-                ratio = (r.get("vs_full") or {}).get(t)
-                cells.append("full fails" if t in (r.get("full_fails") or []) else fmt(ratio, 2))
+                cells.append("full fails" if t in r["full_fails"] else fmt(r["vs_full"][t], 2))
             lines.append(f"| {r['config']} | {r['length']} | {fmt(r['nominal_fraction'], 3)} | "
                          f"{fmt(r.get('decode_attended_fraction'), 3)} | "
                          + " | ".join(cells) + f" | {r['n_task_samples']} |")
