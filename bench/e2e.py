@@ -1,15 +1,20 @@
-"""End-to-end decode speed through the server: time per output token (TPOT) of each strategy vs
-``full`` and vs stock vLLM (the same server with our plugin excluded through ``VLLM_PLUGINS``).
+"""End-to-end speed through the server: time per output token (TPOT) and time to first token (TTFT) of
+each strategy vs ``full`` and vs stock vLLM (the same server with our plugin excluded through
+``VLLM_PLUGINS``).
 
     .venv/bin/python -m bench.e2e                       # 2k/4k/8000 prompts, batch 1 and 8, budget 1/8
     .venv/bin/python -m bench.e2e --lengths 2048 --batches 1 --new-tokens 16
+    .venv/bin/python -m bench.e2e --model gemma3-270m --lengths 8192 16384 --kv-cache-gib 6
 
 Each cell sends ``batch`` concurrent streaming completions of ``--new-tokens`` tokens (greedy, EOS
 ignored) whose prompts are natural text cut to the length, and reports the steady decode time per
 output token: over the window in which every request of the batch is decoding (from the last
 request's first token to the first request's last token), the median over requests of window /
-tokens in it. Seer uses the gates the server finds for the model (shipped for the embedded one).
-Prints one table with ratios; no assertion.
+tokens in it; TTFT is the median over the batch's requests of the time from sending a request to its
+first token (the whole batch is sent at once, so at batch 8 it includes waiting for the others'
+prefill). Seer uses the gates the server finds for the model (shipped for the embedded model and Gemma 3).
+Prints two tables with ratios; no assertion. Prefix caching is off unless ``--prefix-caching``, so every
+cell prefills its prompts.
 
 The budget is each strategy's own budget param by default (sink window, recycled k, landmark k_blocks,
 seer top_k: 1/8 each); with ``--budget-is attended`` it is the share of the context a decode step
@@ -38,11 +43,10 @@ from pathlib import Path
 import httpx
 
 from bench.client import stop_process_group, wait_healthy
-from server.model import embedded_model_dir
+from server.model import resolve_model
 from bench.sweep import nominal_fraction, params_for_fraction
 
 REPO = Path(__file__).resolve().parents[1]
-MODEL_DIR = embedded_model_dir()
 TEXT_FILES = [Path("/usr/share/common-licenses/GPL-3"), Path("/usr/share/common-licenses/GFDL-1.3"),
               Path("/usr/share/common-licenses/Apache-2.0")]
 
@@ -65,13 +69,14 @@ def prompt_ids(tokenizer, length: int, offset: int) -> list[int]:
     return ids[offset: offset + length]
 
 
-def start_server(port: int, plugin: bool, log: Path, max_model_len: int,
-                 prefix_caching: bool = False) -> subprocess.Popen:
+def start_server(port: int, plugin: bool, log: Path, max_model_len: int, model_dir: Path,
+                 prefix_caching: bool = False, kv_cache_gib: float | None = None) -> subprocess.Popen:
     env = dict(os.environ)
     if not plugin:
         env["VLLM_PLUGINS"] = "none"   # stock vLLM: no attnserve plugin loaded
     cmd = [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
-           "--model", str(MODEL_DIR), "--max-model-len", str(max_model_len),
+           "--model", str(model_dir), "--max-model-len", str(max_model_len),
+           *(["--kv-cache-gib", str(kv_cache_gib)] if kv_cache_gib else []),
            "--engine-arg", "max_num_seqs=8",
            "--engine-arg", f"enable_prefix_caching={str(prefix_caching).lower()}"]
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
@@ -79,13 +84,14 @@ def start_server(port: int, plugin: bool, log: Path, max_model_len: int,
 
 
 async def one_request(client: httpx.AsyncClient, base: str, model: str, ids: list[int], new_tokens: int,
-                      attention: dict | None) -> list[float]:
-    """The arrival time of every streamed token of one request."""
+                      attention: dict | None) -> tuple[float, list[float]]:
+    """When the request was sent, and the arrival time of every streamed token of it."""
     body = {"model": model, "prompt": ids, "max_tokens": new_tokens, "temperature": 0.0,
             "ignore_eos": True, "stream": True}
     if attention is not None:
         body["attention"] = attention
     times = []
+    sent = time.perf_counter()
     async with client.stream("POST", f"{base}/v1/completions", json=body, timeout=3600) as response:
         response.raise_for_status()
         async for line in response.aiter_lines():
@@ -93,7 +99,7 @@ async def one_request(client: httpx.AsyncClient, base: str, model: str, ids: lis
                 chunk = json.loads(line[6:])
                 if chunk.get("choices") and chunk["choices"][0].get("text") is not None:
                     times.append(time.perf_counter())
-    return times
+    return sent, times
 
 
 def steady_decode_tpot(token_times: list[list[float]]) -> float:
@@ -108,14 +114,22 @@ def steady_decode_tpot(token_times: list[list[float]]) -> float:
     return statistics.median((end - start) / n for n in per_request)
 
 
-async def cell(base: str, model: str, prompts: list[list[int]], new_tokens: int, attention: dict | None) -> float:
+def median_ttft(sent: list[float], token_times: list[list[float]]) -> float:
+    """Median over requests of the time from sending to the first streamed token."""
+    return statistics.median(t[0] - s for s, t in zip(sent, token_times))
+
+
+async def cell(base: str, model: str, prompts: list[list[int]], new_tokens: int,
+               attention: dict | None) -> tuple[float, float]:
+    """(steady decode TPOT, median TTFT) of one batch, seconds."""
     async with httpx.AsyncClient() as client:
-        token_times = await asyncio.gather(*(one_request(client, base, model, p, new_tokens, attention)
-                                             for p in prompts))
-    return steady_decode_tpot(token_times)
+        answers = await asyncio.gather(*(one_request(client, base, model, p, new_tokens, attention)
+                                         for p in prompts))
+    sent, token_times = [a[0] for a in answers], [a[1] for a in answers]
+    return steady_decode_tpot(token_times), median_ttft(sent, token_times)
 
 
-def run_paired(args, variants, tokenizer, model, max_len, attention_for, measure, results) -> None:
+def run_paired(args, variants, tokenizer, model, model_dir, max_len, attention_for, measure, results) -> None:
     """Both servers up at once; per cell, ``--rounds`` palindromes full, stock, the sparse strategies,
     then the same in reverse (each measured twice per round, symmetrically in time, so that a linear
     drift of this shared machine falls on all alike); results are the means over all runs."""
@@ -124,8 +138,8 @@ def run_paired(args, variants, tokenizer, model, max_len, attention_for, measure
     try:
         for server_name, port in ports.items():
             log = Path(tempfile.mkdtemp()) / f"{server_name}.log"
-            procs[server_name] = (start_server(port, server_name == "attnserve", log, max_len,
-                                               args.prefix_caching), log)
+            procs[server_name] = (start_server(port, server_name == "attnserve", log, max_len, model_dir,
+                                               args.prefix_caching, args.kv_cache_gib), log)
         for server_name, (proc, log) in procs.items():
             wait_healthy(f"http://127.0.0.1:{ports[server_name]}", proc, timeout_s=900, log_path=log)
         attnserve, stock = (f"http://127.0.0.1:{ports[name]}" for name in ("attnserve", "stock"))
@@ -136,7 +150,7 @@ def run_paired(args, variants, tokenizer, model, max_len, attention_for, measure
                 # warm both servers' prefix caches and allocators for this cell
                 measure(attnserve, prompts, attention_for("full", length))
                 measure(stock, prompts, None)
-                runs: dict[str, list[float]] = {name: [] for name in names}
+                runs: dict[str, list[tuple[float, float]]] = {name: [] for name in names}
                 for _ in range(args.rounds):
                     for name in names + names[::-1]:
                         if name == "stock":
@@ -144,9 +158,10 @@ def run_paired(args, variants, tokenizer, model, max_len, attention_for, measure
                         else:
                             runs[name].append(measure(attnserve, prompts, attention_for(name, length)))
                 for name, times in runs.items():
-                    results[(name, length, batch)] = statistics.mean(times)
-                    print(f"{(name, length, batch)}: {results[(name, length, batch)] * 1000:.1f} ms/token "
-                          f"(runs in order: {', '.join(f'{t * 1000:.1f}' for t in times)})", flush=True)
+                    results[(name, length, batch)] = tuple(statistics.mean(t[i] for t in times) for i in (0, 1))
+                    print(f"{(name, length, batch)}: {results[(name, length, batch)][0] * 1000:.1f} ms/token, "
+                          f"TTFT {results[(name, length, batch)][1]:.2f} s (TPOT runs in order: "
+                          f"{', '.join(f'{t[0] * 1000:.1f}' for t in times)})", flush=True)
     finally:
         for proc, _ in procs.values():
             stop_process_group(proc)
@@ -154,6 +169,10 @@ def run_paired(args, variants, tokenizer, model, max_len, attention_for, measure
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None,
+                        help="a known model name (gemma3-270m, ...) or a model folder (default: the embedded model)")
+    parser.add_argument("--kv-cache-gib", type=float, default=None,
+                        help="the server's KV cache (default: the server's; 16k prompts at batch 8 need more)")
     parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8000])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--budget", type=float, default=0.125)
@@ -185,13 +204,14 @@ def main() -> int:
 
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR)
+    model_dir = Path(resolve_model(args.model))
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
     max_len = max(args.lengths) + args.new_tokens + 16
     base = f"http://127.0.0.1:{args.port}"
-    model = MODEL_DIR.name
+    model = model_dir.name
     results: dict[tuple[str, int, int], float] = {}
 
-    num_layers = json.loads((MODEL_DIR / "config.json").read_text())["num_hidden_layers"]
+    num_layers = json.loads((model_dir / "config.json").read_text())["num_hidden_layers"]
 
     def attention_for(name: str, length: int) -> dict | None:
         strategy, extra = variants.get(name, (name, {}))
@@ -204,18 +224,18 @@ def main() -> int:
                          "params": {"n_sink": 4, "window": max(1, int(args.budget * length) - 4)}}
         return {"strategy": strategy, "params": {**attention["params"], **extra}}
 
-    def measure(server_base: str, prompts: list[list[int]], attention: dict | None) -> float:
+    def measure(server_base: str, prompts: list[list[int]], attention: dict | None) -> tuple[float, float]:
         return asyncio.run(cell(server_base, model, prompts, args.new_tokens, attention))
 
     if args.paired:
-        run_paired(args, variants, tokenizer, model, max_len, attention_for, measure, results)
+        run_paired(args, variants, tokenizer, model, model_dir, max_len, attention_for, measure, results)
     else:
         servers = [("attnserve", True)] + ([] if args.no_stock else [("stock", False)])
         if args.stock_first:
             servers.reverse()
         for server_name, plugin in servers:
             log = Path(tempfile.mkdtemp()) / f"{server_name}.log"
-            proc = start_server(args.port, plugin, log, max_len, args.prefix_caching)
+            proc = start_server(args.port, plugin, log, max_len, model_dir, args.prefix_caching, args.kv_cache_gib)
             try:
                 wait_healthy(base, proc, timeout_s=900, log_path=log)
                 names = args.strategies + list(variants) if plugin else ["full"]
@@ -225,7 +245,8 @@ def main() -> int:
                         for name in names:
                             key = (server_name if not plugin else name, length, batch)
                             results[key] = measure(base, prompts, attention_for(name, length) if plugin else None)
-                            print(f"{key}: {results[key] * 1000:.1f} ms/token", flush=True)
+                            print(f"{key}: {results[key][0] * 1000:.1f} ms/token, TTFT {results[key][1]:.2f} s",
+                                  flush=True)
             finally:
                 stop_process_group(proc)
 
@@ -237,25 +258,25 @@ def main() -> int:
             attention = attention_for(name, length)
             fraction = nominal_fraction(attention["strategy"], attention["params"], length, num_layers)
             print(f"  {name} at {length}: {fraction:.3f} {json.dumps(attention['params'])}")
-    print(f"\nTPOT ms/token (ratio vs full | vs stock), budget {args.budget} as {args.budget_is}, "
-          f"{args.new_tokens} new tokens")
+    print(f"\nModel {model}; {args.new_tokens} new tokens; budget {args.budget} as {args.budget_is}")
     width = max(10, *(len(r) + 2 for r in rows))
-    header = "strategy".ljust(width) + "".join(f"{f'{L} b{b}':>24}" for L in args.lengths for b in args.batches)
-    print(header)
-    for name in rows:
-        line = name.ljust(width)
-        for length in args.lengths:
-            for batch in args.batches:
-                t = results.get((name, length, batch))
-                full = results.get(("full", length, batch))
-                stock = results.get(("stock", length, batch))
-                if t is None:
-                    line += f"{'-':>24}"
-                    continue
-                vs_full = f"{t / full:.2f}" if full else "-"
-                vs_stock = f"{t / stock:.2f}" if stock else "-"
-                line += f"{f'{t * 1000:.1f} ({vs_full}|{vs_stock})':>24}"
-        print(line)
+    for title, which, scale, digits in (("TPOT ms/token", 0, 1000.0, 1), ("TTFT s", 1, 1.0, 2)):
+        print(f"\n{title} (ratio vs full | vs stock)")
+        print("strategy".ljust(width) + "".join(f"{f'{L} b{b}':>24}" for L in args.lengths for b in args.batches))
+        for name in rows:
+            line = name.ljust(width)
+            for length in args.lengths:
+                for batch in args.batches:
+                    t = results.get((name, length, batch))
+                    full = results.get(("full", length, batch))
+                    stock = results.get(("stock", length, batch))
+                    if t is None:
+                        line += f"{'-':>24}"
+                        continue
+                    vs_full = f"{t[which] / full[which]:.2f}" if full else "-"
+                    vs_stock = f"{t[which] / stock[which]:.2f}" if stock else "-"
+                    line += f"{f'{t[which] * scale:.{digits}f} ({vs_full}|{vs_stock})':>24}"
+            print(line)
     return 0
 
 

@@ -354,7 +354,7 @@ class RoutingBuilderMixin:
             choice = ROUTER.choice(request_id)
             name = choice.strategy
             stats_rows.append((request_id, name))
-            if name == FULL or (prefilling[row] and ROUTER.strategy(name).dense_prefill):
+            if name == FULL or (prefilling[row] and ROUTER.strategy(name).prefills_densely(choice.params)):
                 dense_rows.append(row)
                 ROUTER.count_dense(request_id, int(query_lens[row]), int(seq_lens[row]))
             else:

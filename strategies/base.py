@@ -580,6 +580,12 @@ class Strategy:
         raise NotImplementedError(f"strategy {cls.name!r} takes no budget")
 
     @classmethod
+    def prefills_densely(cls, params: StrategyParams) -> bool:
+        """Whether a request with ``params`` has its prefill rows run by vLLM's own dense kernel (the
+        strategy then acts at decode only); default: ``dense_prefill``."""
+        return cls.dense_prefill
+
+    @classmethod
     def kept_kv(cls, params: StrategyParams) -> Optional[tuple[int, int]]:
         """``(n_first, window)`` when a decode step reads only the first ``n_first`` tokens and the newest
         ``window`` ones, so the scheduler gives the blocks between them back to vLLM's pool (``releases_kv``;

@@ -57,7 +57,7 @@ def policy_of(request: Any) -> KvPolicy:
             kept = None
             if cls.releases_kv:     # the same params as the worker's (Router.choice)
                 kept = cls.kept_kv(choice.for_context(request.num_prompt_tokens, model=None).params)
-            policy = KvPolicy(False, cls.dense_prefill, *(kept or ()))
+            policy = KvPolicy(False, cls.prefills_densely(choice.params), *(kept or ()))
     try:
         setattr(request, _POLICY_ATTR, policy)
     except AttributeError:

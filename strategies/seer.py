@@ -136,6 +136,11 @@ class Params(StrategyParams):
                                            "(--allow-gate-paths DIR): then an absolute path to a .safetensors file "
                                            "inside it (symlinks resolved)")
 
+    prefill: str = param("gated", choices=("gated", "dense"),
+                         doc="gated: the prefill gate picks each query block's key blocks (SeerAttention); "
+                             "dense: vLLM's dense prefill, the gate acts at decode only (SeerAttention-R), "
+                             "so the prompt's last token, which writes the first output token, sees it all")
+
     def check(self) -> None:
         check_gates_param(self.gates)
 
@@ -288,6 +293,10 @@ class SeerStrategy(Strategy):
                    "(or gates='identity').")
     dense_prefill = False
     budget_param = "top_k"
+
+    @classmethod
+    def prefills_densely(cls, params: Params) -> bool:
+        return params.prefill == "dense"
 
     @classmethod
     def params_for_budget(cls, params: Params, budget, context_len: int, model: ModelFacts) -> Params:

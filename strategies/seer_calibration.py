@@ -181,13 +181,22 @@ def tokenize_prefix(tokenizer, text: str, max_tokens: int) -> Tensor:
     return tokenizer(text[:max_tokens * 12], add_special_tokens=False, return_tensors="pt")["input_ids"][0][:max_tokens]
 
 
+def gated_layers(facts: ModelFacts) -> list[int]:
+    """The layers where ``seer`` runs: all but the sliding-window ones (vLLM's own kernel attends those
+    for every request, strategies.backend), so only these are calibrated."""
+    return [i for i in range(facts.num_layers) if not facts.is_window_layer(i)]
+
+
 @torch.no_grad()
-def capture_qk(lm: LoadedModel, ids: Tensor) -> tuple[Tensor, Tensor]:
-    """Post-RoPE queries [L, T, Hq, D] and keys [L, T, Hkv, D] (fp32) of one window ``ids`` [T]."""
+def capture_qk(lm: LoadedModel, ids: Tensor, layers: Optional[list[int]] = None) -> tuple[Tensor, Tensor]:
+    """Post-RoPE queries [L, T, Hq, D] and keys [L, T, Hkv, D] (fp32) of one window ``ids`` [T], of
+    ``layers`` (default: every layer), in that order. Per-head q/k norms (Gemma 3's ``q_norm``/``k_norm``)
+    are applied before RoPE as the modules do."""
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-    layers = lm.model.model.layers
-    qs: list[Optional[Tensor]] = [None] * len(layers)
-    ks: list[Optional[Tensor]] = [None] * len(layers)
+    all_layers = lm.model.model.layers
+    layers = list(range(len(all_layers))) if layers is None else list(layers)
+    qs: dict[int, Tensor] = {}
+    ks: dict[int, Tensor] = {}
 
     def hook(i):
         def pre(module, args, kwargs):
@@ -196,19 +205,20 @@ def capture_qk(lm: LoadedModel, ids: Tensor) -> tuple[Tensor, Tensor]:
             shape = (*hidden.shape[:-1], -1, module.head_dim)
             q = module.q_proj(hidden).view(shape).transpose(1, 2)
             k = module.k_proj(hidden).view(shape).transpose(1, 2)
+            if getattr(module, "q_norm", None) is not None:
+                q, k = module.q_norm(q), module.k_norm(k)
             q, k = apply_rotary_pos_emb(q, k, cos, sin)
             qs[i] = q[0].transpose(0, 1).float().contiguous()        # [T, Hq, D]
             ks[i] = k[0].transpose(0, 1).float().contiguous()        # [T, Hkv, D]
         return pre
 
-    handles = [layer.self_attn.register_forward_pre_hook(hook(i), with_kwargs=True)
-               for i, layer in enumerate(layers)]
+    handles = [all_layers[i].self_attn.register_forward_pre_hook(hook(i), with_kwargs=True) for i in layers]
     try:
         lm.model.model(input_ids=ids.view(1, -1), use_cache=False)
     finally:
         for h in handles:
             h.remove()
-    return torch.stack(qs), torch.stack(ks)
+    return torch.stack([qs[i] for i in layers]), torch.stack([ks[i] for i in layers])
 
 
 # -- 3. the runtime's gate math, pure torch --------------------------------------------------------
@@ -316,11 +326,17 @@ class Features:
     p_mass: Tensor          # [N, L, Hkv, S, NB] attention mass of the query block's tokens, per key block
     kmax: Tensor = field(default=None)   # [N, L, NB, Hkv, D] Quest max   (landmark summaries)
     kmin: Tensor = field(default=None)     # [N, L, NB, Hkv, D] Quest min
+    layers: Tensor = field(default=None)   # int64 [L]: the model's layer index of each L (None: all, in order)
 
     def cat(self, other: "Features") -> "Features":
-        return Features(**{n: (getattr(self, n) if n in ("rows", "q_blocks") else
+        return Features(**{n: (getattr(self, n) if n in ("rows", "q_blocks", "layers") else
                                torch.cat([getattr(self, n), getattr(other, n)]))
                            for n in self.__dataclass_fields__})
+
+
+def for_layers(tensors: dict[str, Tensor], f: Features) -> dict[str, Tensor]:
+    """Gate tensors stacked over all the model's layers [L_model, ...] -> those of ``f``'s layers."""
+    return tensors if f.layers is None else {n: v[f.layers] for n, v in tensors.items()}
 
 
 def _group_sum(x: Tensor, hkv: int) -> Tensor:
@@ -329,14 +345,16 @@ def _group_sum(x: Tensor, hkv: int) -> Tensor:
     return x.reshape(*lead, hkv, hq // hkv, n).sum(-2)
 
 
-def window_features(q: Tensor, k: Tensor, rows: Tensor, q_blocks: Tensor, block: int) -> dict[str, Tensor]:
-    """Features of one window: q [L, T, Hq, D], k [L, T, Hkv, D] post-RoPE. The attention maps are computed
-    one layer at a time (an 8k window's map of 256 prefill queries is ~75 MB per layer, 2.3 GB for all)."""
+def window_features(q: Tensor, k: Tensor, rows: Tensor, q_blocks: Tensor, block: int,
+                    scale: Optional[float] = None) -> dict[str, Tensor]:
+    """Features of one window: q [L, T, Hq, D], k [L, T, Hkv, D] post-RoPE; ``scale``: the model's softmax
+    scale (None: D ** -0.5). The attention maps are computed one layer at a time (an 8k window's map of 256
+    prefill queries is ~75 MB per layer, 2.3 GB for all)."""
     L, T, hq, d = q.shape
     hkv = k.shape[2]
     g = hq // hkv
     nb = -(-T // block)
-    scale = 1.0 / math.sqrt(d)
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
     pos = torch.arange(T)
     pad = nb * block - T
     qpos = (q_blocks[:, None] * block + torch.arange(block)).clamp(max=T - 1)   # [S, block]
@@ -391,9 +409,9 @@ def decode_rows(T: int, count: int, generator: torch.Generator, spacing: str = "
 def features(lm: LoadedModel, windows: Tensor, block: int = BLOCK_SIZE, rows_per_window: int = 128,
              prefill_blocks: int = 4, seed: int = 0, rows: Optional[Tensor] = None,
              progress: bool = False, desc: str = "capturing", rows_spacing: str = "uniform") -> Features:
-    """Features of every window [N, T]. Decode rows (``decode_rows``: the last 3/4 of the window, or
-    log-spaced from T/16) and prefill query blocks (the last 3/4) are sampled (seeded), the same
-    positions in every window, unless ``rows``."""
+    """Features of every window [N, T], on the layers ``seer`` runs on (``gated_layers``). Decode rows
+    (``decode_rows``: the last 3/4 of the window, or log-spaced from T/16) and prefill query blocks (the
+    last 3/4) are sampled (seeded), the same positions in every window, unless ``rows``."""
     from tqdm import tqdm
     T = windows.shape[1]
     nb = -(-T // block)
@@ -403,10 +421,11 @@ def features(lm: LoadedModel, windows: Tensor, block: int = BLOCK_SIZE, rows_per
         rows = decode_rows(T, rows_per_window, g, rows_spacing)
     first_qb = lo // block
     q_blocks = torch.sort(first_qb + torch.randperm(nb - first_qb, generator=g)[:prefill_blocks]).values
+    layers = gated_layers(lm.facts)
     parts: dict[str, list[Tensor]] = {}
     for ids in tqdm(windows, desc=desc, disable=not progress, leave=False, file=sys.stderr):
-        q, k = capture_qk(lm, ids)
-        f = window_features(q, k, rows, q_blocks, block)
+        q, k = capture_qk(lm, ids, layers)
+        f = window_features(q, k, rows, q_blocks, block, lm.facts.scale)
         pk = f["pooled"]
         d = k.shape[-1]
         f["kmax"], f["kmin"] = pk[..., :d], pk[..., d:2 * d]
@@ -414,7 +433,9 @@ def features(lm: LoadedModel, windows: Tensor, block: int = BLOCK_SIZE, rows_per
             if n not in ("rows", "q_blocks"):
                 parts.setdefault(n, []).append(v)
         del q, k
-    return Features(rows=rows, q_blocks=q_blocks, **{n: torch.stack(v) for n, v in parts.items()})
+    every = layers == list(range(lm.facts.num_layers))
+    return Features(rows=rows, q_blocks=q_blocks, layers=None if every else torch.tensor(layers),
+                    **{n: torch.stack(v) for n, v in parts.items()})
 
 
 # -- 5. training ------------------------------------------------------------------------------------
@@ -497,6 +518,7 @@ def losses(tensors: dict[str, Tensor], rope_theta: float, f: Features, idx: Opti
            block: int = BLOCK_SIZE) -> tuple[Tensor, Tensor]:
     """(decode KL, prefill KL), mean over windows, layers, rows, KV heads."""
     sel = (lambda x: x) if idx is None else (lambda x: x[idx])  # noqa: E731
+    tensors = for_layers(tensors, f)
     dl = decode_logits(tensors["decode_q"], tensors["decode_k"], rope_theta, sel(f.q), f.rows, sel(f.pooled),
                        sel(f.newest), block)
     pl = prefill_logits(tensors["prefill_q"], tensors["prefill_k"], rope_theta, sel(f.q_pool), f.q_blocks,
@@ -658,7 +680,8 @@ def decode_recall(gates: SeerGates, f: Features, fractions=(1 / 4, 1 / 8, 1 / 16
     oracle top-k and Quest at the same budget)."""
     block = gates.block_size
     with torch.no_grad():
-        logits = decode_logits(gates.decode_q, gates.decode_k, gates.rope_theta, f.q, f.rows, f.pooled,
+        w = for_layers({"q": gates.decode_q, "k": gates.decode_k}, f)
+        logits = decode_logits(w["q"], w["k"], gates.rope_theta, f.q, f.rows, f.pooled,
                                f.newest, block)                               # [N, L, R, Hkv, NB]
         probs = logits.softmax(-1)
         nb = probs.shape[-1]
@@ -703,7 +726,8 @@ def prefill_recall(gates: SeerGates, f: Features, fraction: float = 1 / 8) -> di
     """Per layer recall of the query blocks' attention mass at a block budget (diagonal kept): prefill
     gate vs oracle."""
     with torch.no_grad():
-        logits = prefill_logits(gates.prefill_q, gates.prefill_k, gates.rope_theta, f.q_pool, f.q_blocks,
+        w = for_layers({"q": gates.prefill_q, "k": gates.prefill_k}, f)
+        logits = prefill_logits(w["q"], w["k"], gates.rope_theta, f.q_pool, f.q_blocks,
                                 f.pooled)                                     # [N, L, Hkv, S, NB]
         nb = logits.shape[-1]
         cols = torch.arange(nb)
@@ -716,7 +740,7 @@ def prefill_recall(gates: SeerGates, f: Features, fraction: float = 1 / 8) -> di
 
 
 def report_markdown(rows: list[RecallRow], prefill: Optional[dict] = None, title: str = "",
-                    per_layer=("threshold 0.002", "budget 1/8")) -> str:
+                    per_layer=("threshold 0.002", "budget 1/8"), layers: Optional[list[int]] = None) -> str:
     """Summary table (mean over layers) then per layer: sparsity / recall of each setting and method."""
     lines = []
     if title:
@@ -733,16 +757,17 @@ def report_markdown(rows: list[RecallRow], prefill: Optional[dict] = None, title
     lines += ["", f"Per layer ({', '.join(per_layer)}; recall, block sparsity in brackets):", "",
               "| layer | " + " | ".join(f"{r.setting}: {r.method}" for r in shown) + " |",
               "|---" * (len(shown) + 1) + "|"]
-    for layer in range(L):
-        cells = [f"{r.recall[layer]:.3f} ({r.sparsity[layer]:.2f})" for r in shown]
+    for i, layer in enumerate(range(L) if layers is None else layers):
+        cells = [f"{r.recall[i]:.3f} ({r.sparsity[i]:.2f})" for r in shown]
         lines.append(f"| {layer} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def seer_report(model_dir: str | Path, gates_path: str | Path, seq_len: int = 2048, windows: int = 2,
                 rows_per_window: int = 128, seed: int = 1, progress: bool = True) -> str:
-    lm = load_model(model_dir)
-    gates = SeerGates.load(gates_path)
+    """``gates_path``: a gate file, or ``"identity"`` (the training-free gate, blocks of ``BLOCK_SIZE``)."""
+    lm = load_model(model_dir, attention="sdpa")     # the hooks recompute q/k: no [H, T, T] map needed
+    gates = SeerGates.identity(lm.facts, BLOCK_SIZE) if str(gates_path) == "identity" else SeerGates.load(gates_path)
     problems = gates.problems(lm.facts, gates.block_size)
     if problems:
         raise ValueError(f"{gates_path} does not fit {model_dir}: {'; '.join(problems)}")
@@ -752,7 +777,8 @@ def seer_report(model_dir: str | Path, gates_path: str | Path, seq_len: int = 20
     title = (f"Seer gates {gates_path} on {model_name(str(model_dir))}: held-out text, {ids.shape[0]} windows of "
              f"{seq_len} tokens, {f.rows.numel()} decode rows each (last 3/4), block {gates.block_size}; "
              f"KL held out: {gate_losses(gates, f)}")
-    return report_markdown(decode_recall(gates, f), prefill_recall(gates, f), title)
+    return report_markdown(decode_recall(gates, f), prefill_recall(gates, f), title,
+                           layers=None if f.layers is None else f.layers.tolist())
 
 
 # -- default gates for the served model ------------------------------------------------------------

@@ -46,11 +46,14 @@ def add_calibrate_arguments(parser) -> None:
     parser.add_argument("--batch", type=int, default=d.batch, help="windows per step")
     parser.add_argument("--eval-windows", type=int, default=1, help="held-out windows (loss before/after)")
     parser.add_argument("--rows", type=int, default=d.rows_per_window, help="decode rows per window (last 3/4)")
+    parser.add_argument("--prefill-blocks", type=int, default=d.prefill_blocks,
+                        help="prefill query blocks per window (from its last 3/4)")
     parser.add_argument("--rows-spacing", default=d.rows_spacing, choices=("log", "uniform"),
                         help="decode rows: log-spaced over [T/16, T) (prompt lengths T/16..T alike) or "
                              "uniform over the last 3/4 of each window")
     parser.add_argument("--block-size", type=int, default=d.block_size, choices=(16, 32, 64, 128))
-    parser.add_argument("--gate-dim", type=int, default=d.gate_dim)
+    parser.add_argument("--gate-dim", type=int, default=None,
+                        help="gate vector size (default: the model's head size, which the rotary gate needs)")
     parser.add_argument("--rope-theta", type=float, default=d.rope_theta,
                         help="gate RoPE at block positions (0: none; the cached keys are already rotated)")
     parser.add_argument("--init", default=d.init, choices=("identity", "random"))
@@ -64,23 +67,27 @@ def add_calibrate_arguments(parser) -> None:
 
 
 def run_calibrate(args) -> int:
+    from strategies.base import ModelFacts
     from strategies.seer_calibration import calibrate, default_gates_path
     model = _model_dir(args.model)
+    gate_dim = args.gate_dim or ModelFacts.from_model_dir(model).head_size
     out = Path(args.out).expanduser() if args.out else default_gates_path(model)
     if args.if_missing and out.is_file():
         print(f"seer gates already calibrated: {out}")
         return 0
     cfg = CalibrationConfig(seed=args.seed, steps=args.steps, seq_len=args.seq_len, windows=args.windows,
-                            lr=args.lr, batch=args.batch, block_size=args.block_size, gate_dim=args.gate_dim,
+                            lr=args.lr, batch=args.batch, block_size=args.block_size, gate_dim=gate_dim,
                             rope_theta=args.rope_theta, init=args.init, param=args.param, dtype=args.dtype,
-                            rows_per_window=args.rows, rows_spacing=args.rows_spacing)
+                            rows_per_window=args.rows, rows_spacing=args.rows_spacing,
+                            prefill_blocks=args.prefill_blocks)
     calibrate(model, out, cfg, resume=args.resume or args.if_missing, eval_windows=args.eval_windows)
     return 0
 
 
 def add_report_arguments(parser) -> None:
     parser.add_argument("--model", default=None, help="Hugging Face model folder (default: the embedded model)")
-    parser.add_argument("--gates", default=None, help="gate file (default: the model's default gates)")
+    parser.add_argument("--gates", default=None,
+                        help="gate file, or 'identity' for the training-free gate (default: the model's default gates)")
     parser.add_argument("--seq-len", type=int, default=2048, help="tokens per held-out window")
     parser.add_argument("--windows", type=int, default=2)
     parser.add_argument("--rows", type=int, default=128, help="decode rows per window (last 3/4)")
@@ -90,7 +97,8 @@ def add_report_arguments(parser) -> None:
 def run_report(args) -> int:
     from strategies.seer_calibration import default_gates_path, seer_report
     model = _model_dir(args.model)
-    gates = Path(args.gates).expanduser() if args.gates else default_gates_path(model)
+    gates = (args.gates if args.gates == "identity" else
+             Path(args.gates).expanduser() if args.gates else default_gates_path(model))
     try:
         text = seer_report(model, gates, seq_len=args.seq_len, windows=args.windows, rows_per_window=args.rows)
     except ValueError as e:

@@ -14,11 +14,11 @@ import re
 
 import pytest
 
-from tests.e2e.conftest import assert_same_greedy, built_engine, fresh_prompts
+from tests.e2e.conftest import NEAR_TIE_NATS, assert_same_greedy, built_engine, fresh_prompts
 
 pytestmark = pytest.mark.timeout(600)
 
-PAGE = 32
+PAGE = 64          # the shipped seer gates score blocks of 64 tokens, which must divide the KV page
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 
 
@@ -102,3 +102,23 @@ def test_an_eighth_of_the_context_still_writes_text(gemma):
     assert looks_like_text(texts["full"]), texts
     bad = {name: text for name, text in texts.items() if not looks_like_text(text)}
     assert not bad, f"not text: {bad} (all: {texts})"
+
+
+def test_seer_with_the_shipped_gates_finds_the_pass_key(gemma):
+    """``seer`` with the model's default gates (those shipped in strategies/data/gemma-3-270m, unless the
+    gates dir holds a calibration of its own) at a 1/8 budget and ``prefill: dense`` (SeerAttention-R: the
+    prompt goes to vLLM's dense kernel, beside ``full``'s rows) answers a ~1.5k-token passkey prompt as
+    ``full`` does in the same batch, from ``full``'s first token. (With the gated prefill the prompt's KV
+    and its last position come from the prefill gate's 1/8 of the blocks: on this prompt seer then answers
+    " 1234567", docs/seer.md.)"""
+    tokenizer = gemma.get_tokenizer()
+    key = 52907
+    prompt = passkey_prompt(tokenizer, 1500, key)
+    choices = [{"strategy": "full", "params": {}},
+               {"strategy": "seer", "params": {"top_k": 0.125, "prefill": "dense"}}]
+    full, seer = generate(gemma, [prompt] * len(choices), [sampling(c, 8, logprobs=1) for c in choices])
+    assert str(key) in tokenizer.decode(full.token_ids), tokenizer.decode(full.token_ids)
+    assert str(key) in tokenizer.decode(seer.token_ids), (tokenizer.decode(seer.token_ids), full)
+    first = seer.token_ids[0]       # from the dense prefill: full's, up to vLLM's batch-shape floor (the
+    assert first == full.token_ids[0]   # seer row may reuse full's prompt blocks from the prefix cache)
+    assert abs(seer.logprobs[0][first].logprob - full.logprobs[0][first].logprob) <= NEAR_TIE_NATS

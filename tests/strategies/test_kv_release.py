@@ -28,6 +28,15 @@ def test_a_strategy_releases_kv_exactly_when_it_says_which_kv_it_keeps(name):
         assert (policy.kept_first_tokens, policy.kept_window) == kept
 
 
+def test_a_request_that_prefills_densely_shares_the_prefix_cache():
+    """seer's ``prefill: dense`` leaves the prompt to vLLM's dense kernel: its prompt KV is what ``full``
+    computes, so it may be read from and written to the prefix cache; gated prefill may not."""
+    gated = kv_release.policy_of(request({"strategy": "seer", "params": {"prefill": "gated"}}))
+    dense = kv_release.policy_of(request({"strategy": "seer", "params": {"prefill": "dense"}}))
+    assert (gated.cacheable_prompt, dense.cacheable_prompt) == (False, True)
+    assert not dense.full and dense.kept_window is None
+
+
 def test_a_budget_sets_the_kept_window_as_the_worker_would():
     policy = kv_release.policy_of(request({"strategy": "sink", "params": {"n_sink": 4}, "budget": 0.125}, 1000))
     assert (policy.kept_first_tokens, policy.kept_window) == (4, 125 - 4)
