@@ -242,6 +242,8 @@ def main() -> int:
                 for length in args.lengths:
                     for batch in args.batches:
                         prompts = [prompt_ids(tokenizer, length, 311 * i) for i in range(batch)]
+                        if args.prefix_caching:     # prefill once, so that the rows measure decode
+                            measure(base, prompts, attention_for("full", length) if plugin else None)
                         for name in names:
                             key = (server_name if not plugin else name, length, batch)
                             results[key] = measure(base, prompts, attention_for(name, length) if plugin else None)
