@@ -16,11 +16,13 @@ prefill). Seer uses the gates the server finds for the model (shipped for the em
 Prints two tables with ratios; no assertion. Prefix caching is off unless ``--prefix-caching``, so every
 cell prefills its prompts.
 
-The budget is each strategy's own budget param by default (sink window, recycled k, landmark k_blocks,
-seer top_k: 1/8 each); with ``--budget-is attended`` it is the share of the context a decode step
-attends, dense parts included (recycled's full step every ``stride``, landmark's dense first layers),
-so that every row attends the same share (``bench.sweep.params_for_fraction``). The table is preceded
-by each row's params and share.
+The budget is the request's ``attention.budget`` by default (``--budget-is attended``): the share of the
+context a decode step attends, dense parts included (recycled's full step every ``stride``, landmark's dense
+first layers, sinks and newest blocks), mapped by the server onto each strategy's params, so that every row
+attends the same share. With ``--budget-is params`` it is each strategy's own budget param instead
+(``Strategy.budget_param``: sink window, recycled k, landmark k_blocks, seer top_k, each 1/8 of the prompt;
+how docs/benchmarks.md's earlier tables were made). The table is preceded by each row's params and share
+(``Strategy.decode_share``).
 
 With ``--paired`` both servers run at once (the idle one waits on its socket) and every row of a cell
 is measured in ``--rounds`` palindromes (full, stock, sparse..., then the reverse), so that drift and
@@ -44,21 +46,24 @@ import httpx
 
 from bench.client import stop_process_group, wait_healthy
 from server.model import resolve_model
-from bench.sweep import nominal_fraction, params_for_fraction
+from bench.sweep import Config
+from strategies.base import ModelFacts
+from strategies.registry import FULL, get
 
 REPO = Path(__file__).resolve().parents[1]
 TEXT_FILES = [Path("/usr/share/common-licenses/GPL-3"), Path("/usr/share/common-licenses/GFDL-1.3"),
               Path("/usr/share/common-licenses/Apache-2.0")]
 
 
-def strategies(budget: float) -> dict[str, dict | None]:
-    return {
-        "full": {"strategy": "full", "params": {}},
-        "sink": {"strategy": "sink", "params": {"n_sink": 4, "window": budget}},   # window set per length
-        "recycled": {"strategy": "recycled", "params": {"k": budget}},
-        "landmark": {"strategy": "landmark", "params": {"k_blocks": budget}},
-        "seer": {"strategy": "seer", "params": {"top_k": budget}},
-    }
+def own_param_config(strategy: str, budget: float, length: int, extra: dict) -> Config:
+    """``--budget-is params``: the strategy's budget param set to ``budget`` of the prompt (as a fraction
+    where the param takes one, else as ``budget * length`` tokens)."""
+    name = get(strategy).budget_param
+    if name is None:
+        return Config(strategy, None, tuple(sorted(extra.items())))
+    spec = next(s for s in get(strategy).Params.specs() if s.name == name)
+    value = budget if spec.kind is not int else max(1, round(budget * length))
+    return Config(strategy, None, tuple(sorted({name: value, **extra}.items())))
 
 
 def prompt_ids(tokenizer, length: int, offset: int) -> list[int]:
@@ -143,12 +148,12 @@ def run_paired(args, variants, tokenizer, model, model_dir, max_len, attention_f
         for server_name, (proc, log) in procs.items():
             wait_healthy(f"http://127.0.0.1:{ports[server_name]}", proc, timeout_s=900, log_path=log)
         attnserve, stock = (f"http://127.0.0.1:{ports[name]}" for name in ("attnserve", "stock"))
-        names = ["full", "stock"] + [n for n in args.strategies + list(variants) if n != "full"]
+        names = [FULL, "stock"] + [n for n in args.strategies + list(variants) if n != FULL]
         for length in args.lengths:
             for batch in args.batches:
                 prompts = [prompt_ids(tokenizer, length, 311 * i) for i in range(batch)]
                 # warm both servers' prefix caches and allocators for this cell
-                measure(attnserve, prompts, attention_for("full", length))
+                measure(attnserve, prompts, attention_for(FULL, length))
                 measure(stock, prompts, None)
                 runs: dict[str, list[tuple[float, float]]] = {name: [] for name in names}
                 for _ in range(args.rounds):
@@ -176,12 +181,13 @@ def main() -> int:
     parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8000])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--budget", type=float, default=0.125)
-    parser.add_argument("--budget-is", choices=("params", "attended"), default="params",
-                        help="params: the budget is each strategy's own budget param (sink window, recycled "
-                             "k, landmark k_blocks, seer top_k); attended: the share of the context a "
-                             "decode step attends, dense parts included (bench.sweep.params_for_fraction)")
+    parser.add_argument("--budget-is", choices=("params", "attended"), default="attended",
+                        help="attended: the request's attention.budget, the share of the context a decode "
+                             "step attends, dense parts included; params: each strategy's own budget param "
+                             "(sink window, recycled k, landmark k_blocks, seer top_k) set to it")
     parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--strategies", nargs="+", default=["full", "sink", "recycled", "landmark", "seer"])
+    parser.add_argument("--strategies", nargs="+", default=None,
+                        help="default: every registered strategy (full first)")
     parser.add_argument("--port", type=int, default=8931)
     parser.add_argument("--no-stock", action="store_true", help="skip the stock vLLM server")
     parser.add_argument("--variant", action="append", default=[], metavar="LABEL=STRATEGY:JSON",
@@ -211,18 +217,21 @@ def main() -> int:
     model = model_dir.name
     results: dict[tuple[str, int, int], float] = {}
 
-    num_layers = json.loads((model_dir / "config.json").read_text())["num_hidden_layers"]
+    facts = ModelFacts.from_model_dir(model_dir)
+    if args.strategies is None:
+        from strategies.registry import names
 
-    def attention_for(name: str, length: int) -> dict | None:
+        args.strategies = [FULL] + [n for n in names() if n != FULL]
+
+    def config_for(name: str, length: int) -> Config:
         strategy, extra = variants.get(name, (name, {}))
-        if args.budget_is == "attended":
-            return {"strategy": strategy,
-                    "params": params_for_fraction(strategy, args.budget, length, num_layers, base=extra)}
-        attention = strategies(args.budget)[strategy]
-        if strategy == "sink":
-            attention = {"strategy": "sink",
-                         "params": {"n_sink": 4, "window": max(1, int(args.budget * length) - 4)}}
-        return {"strategy": strategy, "params": {**attention["params"], **extra}}
+        if args.budget_is == "params":
+            return own_param_config(strategy, args.budget, length, extra)
+        budget = args.budget if get(strategy).budget_param is not None else None
+        return Config(strategy, budget, tuple(sorted(extra.items())))
+
+    def attention_for(name: str, length: int) -> dict:
+        return config_for(name, length).attention()
 
     def measure(server_base: str, prompts: list[list[int]], attention: dict | None) -> tuple[float, float]:
         return asyncio.run(cell(server_base, model, prompts, args.new_tokens, attention))
@@ -238,12 +247,12 @@ def main() -> int:
             proc = start_server(args.port, plugin, log, max_len, model_dir, args.prefix_caching, args.kv_cache_gib)
             try:
                 wait_healthy(base, proc, timeout_s=900, log_path=log)
-                names = args.strategies + list(variants) if plugin else ["full"]
+                names = args.strategies + list(variants) if plugin else [FULL]
                 for length in args.lengths:
                     for batch in args.batches:
                         prompts = [prompt_ids(tokenizer, length, 311 * i) for i in range(batch)]
                         if args.prefix_caching:     # prefill once, so that the rows measure decode
-                            measure(base, prompts, attention_for("full", length) if plugin else None)
+                            measure(base, prompts, attention_for(FULL, length) if plugin else None)
                         for name in names:
                             key = (server_name if not plugin else name, length, batch)
                             results[key] = measure(base, prompts, attention_for(name, length) if plugin else None)
@@ -253,13 +262,12 @@ def main() -> int:
                 stop_process_group(proc)
 
     rows = list(args.strategies) + list(variants) + ([] if args.no_stock else ["stock"])
-    print(f"\nShare of the context a decode step attends (bench.sweep.nominal_fraction), budget "
-          f"{args.budget} as {args.budget_is}:")
+    print(f"\nShare of the context a decode step attends (Strategy.decode_share, on the routed layers), "
+          f"budget {args.budget} as {args.budget_is}:")
     for name in list(args.strategies) + list(variants):
         for length in args.lengths:
-            attention = attention_for(name, length)
-            fraction = nominal_fraction(attention["strategy"], attention["params"], length, num_layers)
-            print(f"  {name} at {length}: {fraction:.3f} {json.dumps(attention['params'])}")
+            params, fraction = config_for(name, length).resolved(length, facts)
+            print(f"  {name} at {length}: {fraction:.3f} {json.dumps(params)}")
     print(f"\nModel {model}; {args.new_tokens} new tokens; budget {args.budget} as {args.budget_is}")
     width = max(10, *(len(r) + 2 for r in rows))
     for title, which, scale, digits in (("TPOT ms/token", 0, 1000.0, 1), ("TTFT s", 1, 1.0, 2)):
@@ -270,7 +278,7 @@ def main() -> int:
             for length in args.lengths:
                 for batch in args.batches:
                     t = results.get((name, length, batch))
-                    full = results.get(("full", length, batch))
+                    full = results.get((FULL, length, batch))
                     stock = results.get(("stock", length, batch))
                     if t is None:
                         line += f"{'-':>24}"

@@ -160,6 +160,21 @@ def ppl_ratio(strategy_nll: float, full_nll: float) -> float:
     return math.exp(strategy_nll - full_nll)
 
 
+def forced_fidelity(ref_top: list[dict[int, float]], top: list[dict[int, float]],
+                    skip: int = DECODE_PPL_SKIP) -> dict:
+    """Teacher-forced fidelity of one continuation to full's: both saw the same tokens (the text's own), so
+    every position compares like with like (no early divergence ruins the rest). ``forced_top1``: the share
+    of positions where the strategy's most likely next token is full's; ``forced_kl``: mean KL(full ||
+    strategy) over full's top-k + other. The first ``skip`` positions come from the prefill and are left out."""
+    pairs = [(r, t) for r, t in zip(ref_top[skip:], top[skip:]) if r and t]
+    if not pairs:
+        return {"forced_top1": float("nan"), "forced_kl": float("nan"), "forced_positions": 0}
+    same = sum(max(r, key=r.get) == max(t, key=t.get) for r, t in pairs)
+    kls = [k for k in (topk_kl(r, t) for r, t in pairs) if not math.isnan(k)]
+    return {"forced_top1": same / len(pairs), "forced_kl": sum(kls) / len(kls) if kls else float("nan"),
+            "forced_positions": len(pairs)}
+
+
 def forced_nll(token_logprobs: list[float | None], skip: int = DECODE_PPL_SKIP) -> float:
     """Mean negative log-likelihood of teacher-forced output tokens, the first `skip` left out
     (the first output token comes from the prefill)."""

@@ -25,13 +25,14 @@ import math
 import sys
 from pathlib import Path
 
-from bench.sweep import Config, nominal_fraction
+from bench.sweep import Config, model_facts
+from strategies.registry import FULL
 
-METRICS = ("agreement", "prefix", "score_ratio")
+METRICS = ("agreement", "prefix", "score_ratio", "forced_top1")
 
 
 def metric_value(row: dict, metric: str, full_row: dict | None) -> float | None:
-    if row["strategy"] == "full":
+    if row["strategy"] == FULL:
         return 1.0
     if metric == "score_ratio":
         if not full_row or not full_row.get("score") or row.get("score") is None:
@@ -42,7 +43,7 @@ def metric_value(row: dict, metric: str, full_row: dict | None) -> float | None:
 
 
 def ppl_ok(row: dict, max_ppl_ratio: float | None) -> bool:
-    if max_ppl_ratio is None or row["strategy"] == "full":
+    if max_ppl_ratio is None or row["strategy"] == FULL:
         return True
     decode = row.get("decode_ppl_ratio")
     prompt = row.get("prompt_ppl_ratio")
@@ -57,12 +58,12 @@ def recommend(result: dict, min_fidelity: float, prompt_len: int, metric: str = 
     lengths = sorted({r["length"] for r in rows})
     length = min(lengths, key=lambda L: (abs(L - prompt_len), -L))
     at = [r for r in rows if r["length"] == length]
-    full_row = next((r for r in at if r["strategy"] == "full"), None)
+    full_row = next((r for r in at if r["strategy"] == FULL), None)
     candidates = []
     rejected = []
     for row in at:
         value = metric_value(row, metric, full_row)
-        kl_ok = max_kl is None or row["strategy"] == "full" or (row.get("kl") is not None and row["kl"] <= max_kl)
+        kl_ok = max_kl is None or row["strategy"] == FULL or (row.get("kl") is not None and row["kl"] <= max_kl)
         entry = {"config": row["config"], "strategy": row["strategy"], "budget": row.get("budget"),
                  "metric": value, "kl": row.get("kl"), "decode_ppl_ratio": row.get("decode_ppl_ratio"),
                  "prompt_ppl_ratio": row.get("prompt_ppl_ratio"),
@@ -85,12 +86,15 @@ def recommend(result: dict, min_fidelity: float, prompt_len: int, metric: str = 
     best_row, best = min(candidates, key=cost)
     extra = next((c.get("extra", {}) for c in result["meta"].get("configs", []) if c["label"] == best_row["config"]), {})
     config = Config(best_row["strategy"], best_row.get("budget"), tuple(sorted(extra.items())))
-    params = config.params_for(prompt_len)
+    try:
+        share = config.resolved(prompt_len, model_facts(result["meta"].get("model_folder")))[1]
+    except (OSError, KeyError, ValueError):     # the model's folder is not on this machine
+        share = None
     return {
         "prompt_len": prompt_len, "measured_length": length, "metric": metric, "min_fidelity": min_fidelity,
         "max_kl": max_kl, "max_ppl_ratio": max_ppl_ratio, "choice": best,
-        "attention": {"strategy": config.strategy, "params": params},
-        "nominal_fraction_at_prompt_len": nominal_fraction(config.strategy, params, prompt_len),
+        "attention": config.attention(),
+        "nominal_fraction_at_prompt_len": share,
         "candidates": sorted((e for _, e in candidates), key=lambda e: (e["nominal_fraction"] or 1.0)),
         "rejected": rejected,
         "model": result["meta"].get("model"),
@@ -109,10 +113,11 @@ def describe(rec: dict) -> str:
         "request field: " + json.dumps({"attention": rec["attention"]}),
     ]
     if rec["measured_length"] != rec["prompt_len"]:
-        lines.append(f"note: measured at {rec['measured_length']} tokens, not {rec['prompt_len']}; at "
-                     f"{rec['prompt_len']} these params attend {rec['nominal_fraction_at_prompt_len']:.3f} of the "
-                     "context per decode step; sweep that length to confirm")
-    if c["strategy"] == "full":
+        share = rec["nominal_fraction_at_prompt_len"]
+        lines.append(f"note: measured at {rec['measured_length']} tokens, not {rec['prompt_len']}"
+                     + ("" if share is None else f"; at {rec['prompt_len']} this attends {share:.3f} of the "
+                        "context per decode step") + "; sweep that length to confirm")
+    if c["strategy"] == FULL:
         lines.append("no sparser configuration measured meets the floor")
     lines.append("meeting the floor: " + ", ".join(
         f"{e['config']} ({e['metric']:.3f})" for e in rec["candidates"]))
@@ -120,6 +125,10 @@ def describe(rec: dict) -> str:
         lines.append("below the floor: " + ", ".join(
             f"{e['config']} ({'–' if e['metric'] is None else format(e['metric'], '.3f')})" for e in rec["rejected"]))
     return "\n".join(lines)
+
+
+# `attnserve <command>`: pyproject.toml declares this module in the attnserve.commands entry points
+COMMAND_HELP = "the cheapest measured strategy + budget meeting a fidelity floor"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from bench import fidelity as fid
 from bench.client import Client, add_server_arguments, gather_limited, load_tokenizer, server_from_args
+from strategies.registry import FULL
 from bench.sweep import Config, build_configs, machine_description, parse_budget, parse_list, parse_strategy_params
 
 DEFAULT_LENGTHS = "512,1024,2048,4096,max"
@@ -104,7 +105,7 @@ async def measure(base_url: str, model: str | None, configs: list[Config], lengt
 
 
 def add_ratios(rows: list[dict]) -> None:
-    full = {r["length"]: r for r in rows if r["strategy"] == "full"}
+    full = {r["length"]: r for r in rows if r["strategy"] == FULL}
     for r in rows:
         f = full.get(r["length"])
         for key, name, invert in (("ttft_ms", "ttft_speedup", True), ("tpot_ms", "tpot_speedup", True),
@@ -128,6 +129,10 @@ def table(rows: list[dict], label: str) -> str:
             f"{fmt(r['tpot_ms'], '.1f')} | {fmt(r['tpot_speedup'], '.2f')}x | {fmt(r['throughput_tok_s'], '.1f')} | "
             f"{fmt(r['throughput_ratio'], '.2f')}x | {fmt(r['attended_fraction'], '.3f')} | {r['errors']} |")
     return "\n".join(lines)
+
+
+# `attnserve <command>`: pyproject.toml declares this module in the attnserve.commands entry points
+COMMAND_HELP = "serving speed (TTFT, TPOT, throughput) per strategy against full"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -5,7 +5,10 @@ only the attention part exactly as the router runs it (``Strategy.plan`` once, `
 ``finish_step``) on a synthetic bf16 KV cache in vLLM's CPU layout, for ``--batch`` rows of
 ``--context`` tokens each, over ``--steps`` consecutive decode steps, the strategies interleaved step by step (the first step, which
 summarises / pools the whole prompt, is excluded; recycled's full step every ``stride`` is included).
-``full`` here is vLLM's own CPU kernel, as the router calls it for ``full`` rows. Prints per-step ms,
+``full`` here is vLLM's own CPU kernel, as the router calls it for ``full`` rows. ``--budget`` is the
+request's ``attention.budget`` (the share of the context a decode step attends, every part counted), mapped
+by each strategy's ``params_for_budget`` as the server does (before 2026-12-07: each strategy's own budget
+param set to it, which attends more). Prints per-step ms,
 per layer ms and the speedup vs ``full`` side by side; no assertion.
 """
 from __future__ import annotations
@@ -19,6 +22,7 @@ from bench.kernels import D, DTYPE, HKV, HQ, PAGE, vllm_decode
 from strategies import ops
 from strategies.base import ModelFacts, StepRows
 from server.model import embedded_model_dir
+from strategies.registry import FULL, names, parse_attention
 from strategies.registry import get as get_strategy
 
 MODEL_DIR = embedded_model_dir()
@@ -46,9 +50,13 @@ def make_caches(batch: int, context: int, steps: int, layers: int, generator: to
     return caches, table
 
 
-def strategy_params(name: str, budget: float, context: int) -> dict:
-    return {"full": {}, "sink": {"n_sink": 4, "window": round(budget * context) - 4}, "recycled": {"k": budget},
-            "landmark": {"k_blocks": budget}, "seer": {"top_k": budget}}[name]
+def strategy_params(name: str, budget: float, context: int, fixed: dict) -> dict:
+    """The params a request with ``attention.budget`` = ``budget`` and ``fixed`` params runs with at
+    ``context`` tokens (the server's own mapping, ``Strategy.params_for_budget``)."""
+    attention = {"strategy": name, "params": fixed}
+    if get_strategy(name).budget_param is not None:
+        attention["budget"] = budget
+    return parse_attention(attention).for_context(context, model_facts()).params.to_dict()
 
 
 def step_runner(name: str, params: dict, caches, table, batch: int, context: int, steps: int,
@@ -59,7 +67,7 @@ def step_runner(name: str, params: dict, caches, table, batch: int, context: int
     query = torch.randn(batch, HQ, D, generator=generator).to(DTYPE)
     out = torch.empty_like(query)
     scale = D ** -0.5
-    if name == "full":
+    if name == FULL:
         for step in range(steps + 1):
             seq_lens = torch.full((batch,), context + step, dtype=torch.int32)
             started = time.perf_counter()
@@ -107,7 +115,7 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=0.125)
     parser.add_argument("--layers", type=int, default=LAYERS)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--strategies", nargs="+", default=["full", "sink", "recycled", "landmark", "seer"])
+    parser.add_argument("--strategies", nargs="+", default=None, help="default: every registered strategy")
     parser.add_argument("--param", action="append", default=[], metavar="STRATEGY.NAME=JSON",
                         help="override a param, e.g. landmark.dense_layers=0")
     parser.add_argument("--grains", type=int, nargs="+", default=None, metavar="N",
@@ -124,20 +132,21 @@ def main() -> None:
         key, value = item.split("=", 1)
         strat, pname = key.split(".", 1)
         overrides.setdefault(strat, {})[pname] = json.loads(value)
-    params_of = {name: {**strategy_params(name, args.budget, args.context), **overrides.get(name, {})}
+    args.strategies = args.strategies or [FULL] + [n for n in names() if n != FULL]
+    params_of = {name: strategy_params(name, args.budget, args.context, overrides.get(name, {}))
                  for name in args.strategies}
     default_grain = ops.set_parallel_grain(-1)
     grains = args.grains or [None]
     runners, params_of_label = {}, {}
     for name in args.strategies:
-        for grain in ([None] if name == "full" else grains):
+        for grain in ([None] if name == FULL else grains):
             label = name if grain is None else f"{name}@grain={grain}"
             params_of_label[label] = params_of[name]
             runners[label] = step_runner(name, params_of[name], caches, table, args.batch, args.context,
                                          args.steps, generator, grain)
     results = {label: (params_of_label[label], seconds)
                for label, seconds in time_interleaved(runners).items()}
-    base = results.get("full", (None, None))[1]
+    base = results.get(FULL, (None, None))[1]
     print(f"\n{time.strftime('%Y-%m-%d')}: batch {args.batch}, context {args.context}, {args.layers} layers, "
           f"budget {args.budget}, {torch.get_num_threads()} threads, default parallel grain "
           f"{default_grain}; attention only (no model)")

@@ -9,13 +9,11 @@ counts them), and writes to `--out`:
   server's `attention` report, for inspection;
 - `results.md`: the tables; `score_vs_budget.png`, `fidelity_vs_length.png`, `tpot_vs_length.png`.
 
-A *budget* is the number of KV tokens attended per decode step (an integer) or a fraction of the
-prompt (a float in (0, 1]); it maps onto each strategy's own parameter: sink `window` (tokens, after
-`n_sink`), recycled `k` (tokens), landmark `k_blocks` (chunks of `block_size`, besides the first and
-newest), seer `top_k` (blocks of `block_size`, besides the newest). Fractions go to the server as
-fractions except for sink, whose window is an integer (computed from the prompt length).
-`nominal_fraction` is the share of the context one decode step attends under those parameters
-(recycled counts its full step every `stride`; landmark its dense first layers).
+A *budget* is the request's `attention.budget`: KV tokens attended per decode step (an integer) or a
+share of the context (a float in (0, 1]). The server maps it onto each strategy's own params at the
+prompt's length (`Strategy.params_for_budget`, counting sinks, newest blocks, dense layers and full
+steps); `nominal_fraction` is the share those params attend (`Strategy.decode_share`), next to the share
+the server measured.
 """
 
 from __future__ import annotations
@@ -37,16 +35,12 @@ from typing import Any
 from bench import fidelity as fid
 from bench import tasks as tk
 from bench.client import Client, Completion, add_server_arguments, gather_limited, load_tokenizer, server_from_args
+from strategies.base import ModelFacts
+from strategies.registry import FULL, get, parse_attention
 
 DEFAULT_STRATEGIES = "full,sink,recycled,landmark,seer"
 DEFAULT_BUDGETS = "256,1024,0.125,0.25"
 DEFAULT_LENGTHS = "1024,2048,4096"
-# Per-strategy parameters used unless --strategy-params overrides them (labelled in every table). Seer
-# uses the gates the server finds for the model (calibrated, or shipped for the embedded model);
-# --strategy-params seer='{"gates": "identity"}' runs the training-free identity gate instead.
-DEFAULT_EXTRA: dict[str, dict] = {}
-DEFAULT_BLOCK = {"landmark": 16, "seer": 64}
-DEFAULT_SINK = 4
 
 
 # -- configurations ---------------------------------------------------------------------------------
@@ -91,108 +85,30 @@ class Config:
     def extra_dict(self) -> dict:
         return dict(self.extra)
 
-    def params_for(self, length: int) -> dict:
-        """The strategy's request params for prompts of `length` tokens."""
-        params = self.extra_dict
-        b = self.budget
-        if b is None or self.strategy == "full":
-            return params
-        if self.strategy == "sink":
-            n_sink = int(params.get("n_sink", DEFAULT_SINK))
-            total = b if isinstance(b, int) else max(1, math.ceil(b * length))
-            params["window"] = max(1, total - n_sink)
-        elif self.strategy == "recycled":
-            params["k"] = b
-        elif self.strategy == "landmark":
-            block = int(params.get("block_size", DEFAULT_BLOCK["landmark"]))
-            params["k_blocks"] = b if isinstance(b, float) else max(1, b // block - 2)
-        elif self.strategy == "seer":
-            block = int(params.get("block_size", DEFAULT_BLOCK["seer"]))
-            params["top_k"] = b if isinstance(b, float) else max(1, b // block - 1)
-        else:
-            raise ValueError(f"no budget mapping for strategy {self.strategy!r}; run it without --budgets "
-                             "or give its params with --strategy-params")
-        return params
+    def attention(self, length: int | None = None) -> dict:
+        """The request's `attention` object: the budget as `attention.budget` (the server maps it onto the
+        strategy's own params at the prompt's length), the fixed params beside it."""
+        attention = {"strategy": self.strategy, "params": self.extra_dict}
+        if self.budget is not None:
+            attention["budget"] = self.budget
+        return attention
 
-    def attention(self, length: int) -> dict:
-        return {"strategy": self.strategy, "params": self.params_for(length)}
-
-
-def resolve(value: int | float, context: int) -> int:
-    context = max(int(context), 1)
-    count = math.ceil(value * context) if isinstance(value, float) else int(value)
-    return min(max(count, 1), context)
-
-
-def nominal_fraction(strategy: str, params: dict, length: int, num_layers: int = 30) -> float:
-    """The share of a `length`-token context one decode step attends (see the module docstring)."""
-    if strategy == "full":
-        return 1.0
-    if strategy == "sink":
-        return min(1.0, (int(params.get("n_sink", DEFAULT_SINK)) + int(params.get("window", 1020))) / length)
-    if strategy == "recycled":
-        stride = int(params.get("stride", 16))
-        kept = min(1.0, resolve(params.get("k", 2048), length) / length)
-        return kept * (1 - 1 / stride) + 1 / stride
-    if strategy == "landmark":
-        block = int(params.get("block_size", 16))
-        chunks = math.ceil(length / block)
-        kept = min(1.0, (resolve(params.get("k_blocks", 64), chunks) + 2) * block / length)
-        dense = min(int(params.get("dense_layers", 2)), num_layers)
-        return (dense + (num_layers - dense) * kept) / num_layers
-    if strategy == "seer":
-        block = int(params.get("block_size", 64))
-        blocks = math.ceil(length / block)
-        top_k = params.get("top_k", 0)
-        if not top_k:
-            return float("nan")  # threshold mode: data dependent
-        return min(1.0, (resolve(top_k, blocks) + 1) * block / length)
-    return float("nan")
-
-
-def params_for_fraction(strategy: str, fraction: float, length: int, num_layers: int = 30,
-                        base: dict | None = None) -> dict:
-    """Params (over ``base``) whose `nominal_fraction` at ``length`` is ``fraction``, up to whole tokens,
-    chunks or blocks: the budget read as the share of the context a decode step attends, so that
-    strategies with dense parts (recycled's full step every `stride`, landmark's dense first layers)
-    get smaller sparse budgets. ValueError when the dense parts alone attend more than ``fraction``."""
-    params = dict(base or {})
-    if strategy == "full":
-        return params
-    if strategy == "sink":
-        n_sink = int(params.get("n_sink", DEFAULT_SINK))
-        params["window"] = max(1, round(fraction * length) - n_sink)
-        return params
-    if strategy == "recycled":
-        stride = int(params.get("stride", 16))
-        kept = (fraction - 1 / stride) / (1 - 1 / stride)
-        if kept <= 0:
-            raise ValueError(f"recycled with stride {stride} attends >= 1/{stride} (its full steps)")
-        params["k"] = max(1, round(kept * length))
-        return params
-    if strategy == "landmark":
-        block = int(params.get("block_size", DEFAULT_BLOCK["landmark"]))
-        dense = min(int(params.get("dense_layers", 2)), num_layers)
-        if dense >= num_layers or fraction * num_layers <= dense:
-            raise ValueError(f"landmark with {dense} dense layers of {num_layers} attends more than {fraction}")
-        kept = (fraction * num_layers - dense) / (num_layers - dense)
-        params["k_blocks"] = max(1, round(kept * length / block) - 2)
-        return params
-    if strategy == "seer":
-        block = int(params.get("block_size", DEFAULT_BLOCK["seer"]))
-        params["top_k"] = max(1, round(fraction * length / block) - 1)
-        return params
-    raise ValueError(f"no budget mapping for strategy {strategy!r}")
+    def resolved(self, length: int, model: ModelFacts) -> tuple[dict, float]:
+        """(the params a `length`-token prompt runs with, the share of its context a decode step attends
+        under them: `Strategy.decode_share`, on the layers strategies route), as the server computes them."""
+        choice = parse_attention(self.attention()).for_context(length, model)
+        return choice.params.to_dict(), get(self.strategy).decode_share(choice.params, length, model)
 
 
 def build_configs(strategies: list[str], budgets: list[int | float], extra: dict[str, dict]) -> list[Config]:
-    configs = [Config("full", None)]
+    """The control first (with its fixed params, if any), then each strategy at each budget (strategies
+    that take no budget once)."""
+    configs = [Config(FULL, None, tuple(sorted(extra.get(FULL, {}).items())))]
     for name in strategies:
-        if name == "full":
+        if name == FULL:
             continue
-        params = {**DEFAULT_EXTRA.get(name, {}), **extra.get(name, {})}
-        items = tuple(sorted(params.items()))
-        if budgets:
+        items = tuple(sorted(extra.get(name, {}).items()))
+        if budgets and get(name).budget_param is not None:
             configs += [Config(name, b, items) for b in budgets]
         else:
             configs.append(Config(name, None, items))
@@ -234,7 +150,7 @@ async def run_job(client: Client, job: Job) -> Job:
                                            logprobs=fid.TOP_LOGPROBS, ignore_eos=True)
     elif job.kind == "forced":
         job.result = await client.complete(job.sample.prompt_ids, len(job.sample.continuation_ids),
-                                           attention, logprobs=0, ignore_eos=True, stream=False,
+                                           attention, logprobs=fid.TOP_LOGPROBS, ignore_eos=True, stream=False,
                                            force_tokens=job.sample.continuation_ids)
         if job.result.ok and job.result.token_ids != job.sample.continuation_ids:
             job.result.ok = False
@@ -259,7 +175,7 @@ def job_record(job: Job, tokenizer) -> dict:
     r = job.result
     record: dict[str, Any] = {
         "kind": job.kind, "config": job.config.label, "strategy": job.config.strategy,
-        "budget": job.config.budget, "params": job.config.params_for(job.length), "length": job.length,
+        "budget": job.config.budget, "params": job.config.extra_dict, "length": job.length,
         "sample_id": job.sample.sample_id, "prompt_len": len(job.sample.prompt_ids),
         "ok": bool(r and r.ok), "error": r.error if r else "not run",
     }
@@ -285,11 +201,11 @@ def text_metrics(jobs: list[Job]) -> None:
     """Fill `extra` of text/ppl/forced jobs with their fidelity to the full job of the same prompt
     (agreement/prefix/KL; prompt ppl ratio; decode ppl ratio of the teacher-forced continuation)."""
     full_text = {(j.length, j.sample.sample_id): j for j in jobs
-                 if j.kind == "text" and j.config.strategy == "full" and j.result and j.result.ok}
+                 if j.kind == "text" and j.config.strategy == FULL and j.result and j.result.ok}
     full_ppl = {(j.length, j.sample.sample_id): j for j in jobs
-                if j.kind == "ppl" and j.config.strategy == "full" and j.result and j.result.ok}
+                if j.kind == "ppl" and j.config.strategy == FULL and j.result and j.result.ok}
     full_forced = {(j.length, j.sample.sample_id): j for j in jobs
-                   if j.kind == "forced" and j.config.strategy == "full" and j.result and j.result.ok}
+                   if j.kind == "forced" and j.config.strategy == FULL and j.result and j.result.ok}
     for job in jobs:
         if not (job.result and job.result.ok):
             continue
@@ -306,6 +222,7 @@ def text_metrics(jobs: list[Job]) -> None:
             nll = fid.forced_nll(job.result.token_logprobs)
             full_nll = fid.forced_nll(full_forced[key].result.token_logprobs)
             job.extra.update(decode_nll=nll, decode_ppl_ratio=fid.ppl_ratio(nll, full_nll))
+            job.extra.update(fid.forced_fidelity(full_forced[key].result.top_logprobs, job.result.top_logprobs))
 
 
 FULL_PASSES = 80.0   # a cell counts only where `full` scores at least this (else "full fails")
@@ -339,7 +256,7 @@ def median(values: list[float]) -> float | None:
     return statistics.median(values) if values else None
 
 
-def aggregate(records: list[dict], configs: list[Config], lengths: list[int], num_layers: int) -> list[dict]:
+def aggregate(records: list[dict], configs: list[Config], lengths: list[int], model: ModelFacts) -> list[dict]:
     by_key: dict[tuple[str, int], list[dict]] = defaultdict(list)
     for rec in records:
         by_key[(rec["config"], rec["length"])].append(rec)
@@ -361,12 +278,12 @@ def aggregate(records: list[dict], configs: list[Config], lengths: list[int], nu
             forced = [r for r in ok if r["kind"] == "forced"]
             decode_nll = mean([r.get("decode_nll") for r in forced])
             timed = text or task_recs
-            params = config.params_for(length)
+            params, share = config.resolved(length, model)
             rows.append({
                 "config": config.label, "strategy": config.strategy, "budget": config.budget,
                 "params": params, "length": length,
                 "prompt_len": mean([r["prompt_len"] for r in recs]),
-                "nominal_fraction": nominal_fraction(config.strategy, params, length, num_layers),
+                "nominal_fraction": share,
                 "attended_fraction": mean([(r.get("attention") or {}).get("attended_fraction") for r in ok]),
                 "decode_attended_fraction": mean([(r.get("attention") or {}).get("decode_attended_fraction")
                                                   for r in ok]),
@@ -377,9 +294,16 @@ def aggregate(records: list[dict], configs: list[Config], lengths: list[int], nu
                 "prefix": mean([r.get("prefix") for r in text]),
                 "kl": mean([r.get("kl") for r in text]),
                 "decode_ppl_ratio": mean([r.get("decode_ppl_ratio") for r in forced]),
+                "forced_top1": mean([r.get("forced_top1") for r in forced]),
+                "forced_top1_min": min((r["forced_top1"] for r in forced if r.get("forced_top1") is not None
+                                        and not math.isnan(r["forced_top1"])), default=None),
+                "forced_kl": mean([r.get("forced_kl") for r in forced]),
+                "forced_kl_max": max((r["forced_kl"] for r in forced if r.get("forced_kl") is not None
+                                      and not math.isnan(r["forced_kl"])), default=None),
                 "decode_ppl": None if decode_nll is None else math.exp(decode_nll),
                 "prompt_ppl_ratio": mean([r.get("prompt_ppl_ratio") for r in ppl]),
                 "n_text_samples": len(text),
+                "n_forced_samples": len(forced),
                 "tpot_ms": None if median([r.get("tpot_s") for r in timed]) is None
                 else 1000 * median([r.get("tpot_s") for r in timed]),
                 "ttft_ms": None if median([r.get("ttft_s") for r in timed]) is None
@@ -395,7 +319,7 @@ def mark_against_full(rows: list[dict]) -> None:
     """Per row and task: `full`'s score at the same length, and the row's score over it where `full`
     passes (>= FULL_PASSES), else None with the task listed in `full_fails` (the cell measures the
     task's difficulty for the model, not the strategy's loss)."""
-    full = {r["length"]: r for r in rows if r["strategy"] == "full"}
+    full = {r["length"]: r for r in rows if r["strategy"] == FULL}
     for r in rows:
         reference = full.get(r["length"])
         r["vs_full"], r["full_fails"] = {}, []
@@ -427,6 +351,8 @@ def command_line(args: argparse.Namespace) -> str:
         parts.append("--no-ppl")
     if not args.decode_ppl:
         parts.append("--no-decode-ppl")
+    if not getattr(args, "greedy_text", True):
+        parts.append("--no-greedy-text")
     if args.ppl_all:
         parts.append("--ppl-all")
     return " ".join(shlex.quote(p) for p in parts)
@@ -458,17 +384,14 @@ def machine_description() -> str:
     return f"{cpu}, {os.cpu_count()} CPUs{mem}, {accel}, {platform.system()} {platform.release()}"
 
 
-def model_layers(tokenizer_path: str | None) -> int:
-    try:
-        if tokenizer_path is None:
-            from server.model import embedded_model_dir
+def model_facts(tokenizer_path: str | None) -> ModelFacts:
+    """The served model's shapes (layers, sliding windows) from its folder (the embedded model's when
+    None), for the budget arithmetic the server does too."""
+    if tokenizer_path is None:
+        from server.model import embedded_model_dir
 
-            folder = embedded_model_dir()
-        else:
-            folder = Path(tokenizer_path)
-        return int(json.loads((folder / "config.json").read_text())["num_hidden_layers"])
-    except (OSError, KeyError, ValueError):
-        return 30
+        return ModelFacts.from_model_dir(embedded_model_dir())
+    return ModelFacts.from_model_dir(tokenizer_path)
 
 
 async def server_info(base_url: str, model: str | None) -> tuple[dict, dict]:
@@ -522,9 +445,10 @@ def run_sweep(args: argparse.Namespace, base_url: str) -> dict:
         texts = [fid.text_sample(length, tokenizer, args.seed, i) for i in range(args.fidelity_samples)]
         for config in configs:
             jobs += [Job("task", config, length, s) for s in samples]
-            jobs += [Job("text", config, length, t) for t in texts]
+            if args.greedy_text:
+                jobs += [Job("text", config, length, t) for t in texts]
             sparse_prefill = not (offered.get(config.strategy) or {}).get("dense_prefill", True)
-            if args.ppl and (config.strategy == "full" or sparse_prefill or args.ppl_all):
+            if args.ppl and (config.strategy == FULL or sparse_prefill or args.ppl_all):
                 jobs += [Job("ppl", config, length, t) for t in texts]
             if args.decode_ppl:
                 jobs += [Job("forced", config, length, t) for t in texts]
@@ -541,14 +465,15 @@ def run_sweep(args: argparse.Namespace, base_url: str) -> dict:
     elapsed = (dt.datetime.now(dt.timezone.utc) - started).total_seconds()
     text_metrics(jobs)
     records = [job_record(j, tokenizer) for j in jobs]
-    num_layers = model_layers(tokenizer_path)
-    rows = aggregate(records, configs, lengths, num_layers)
+    model = model_facts(tokenizer_path)
+    rows = aggregate(records, configs, lengths, model)
     result = {
         "meta": {
             "date": started.strftime("%Y-%m-%d %H:%M UTC"),
             "elapsed_s": round(elapsed, 1),
             "machine": machine_description(),
             "model": model_card.get("id"),
+            "model_folder": tokenizer_path,
             "max_model_len": max_len,
             "command": command_line(args),
             "lengths": lengths, "budgets": budgets, "strategies": strategies, "skipped": skipped,
@@ -557,7 +482,7 @@ def run_sweep(args: argparse.Namespace, base_url: str) -> dict:
             "configs": [{"label": c.label, "strategy": c.strategy, "budget": c.budget, "extra": c.extra_dict}
                         for c in configs],
             "dense_prefill": {n: (offered.get(n) or {}).get("dense_prefill") for n in strategies},
-            "requests": len(jobs), "errors": sum(1 for r in records if not r["ok"]), "num_layers": num_layers,
+            "requests": len(jobs), "errors": sum(1 for r in records if not r["ok"]), "num_layers": model.num_layers,
         },
         "rows": rows,
     }
@@ -617,15 +542,19 @@ def markdown(result: dict, plots: list[str]) -> str:
             lines.append(f"| {r['config']} | {r['length']} | {fmt(r['nominal_fraction'], 3)} | "
                          f"{fmt(r.get('decode_attended_fraction'), 3)} | "
                          + " | ".join(cells) + f" | {r['n_task_samples']} |")
-    lines += ["", "### Fidelity to full attention (natural text, 64 greedy tokens)", "",
-              "| config | length | keep | agreement | prefix | KL (nats) | decode ppl ratio | "
-              "prompt ppl ratio | n |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines += ["", "### Fidelity to full attention (natural text, 64 tokens: greedy, and teacher-forced)", "",
+              "| config | length | keep | agreement | prefix | KL (nats) | forced top-1 (min) | forced KL (max) | "
+              "decode ppl ratio | prompt ppl ratio | n (greedy / forced) |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
+        top1 = fmt(r.get("forced_top1"), 3) + (f" ({r['forced_top1_min']:.3f})" if r.get("forced_top1_min") is not None
+                                                else "")
+        kl = fmt(r.get("forced_kl"), 4) + (f" ({r['forced_kl_max']:.4f})" if r.get("forced_kl_max") is not None
+                                           else "")
         lines.append(f"| {r['config']} | {r['length']} | {fmt(r['nominal_fraction'], 3)} | "
-                     f"{fmt(r['agreement'], 3)} | {fmt(r['prefix'], 3)} | {fmt(r['kl'], 4)} | "
+                     f"{fmt(r['agreement'], 3)} | {fmt(r['prefix'], 3)} | {fmt(r['kl'], 4)} | {top1} | {kl} | "
                      f"{fmt(r.get('decode_ppl_ratio'), 4)} | {fmt(r.get('prompt_ppl_ratio'), 4)} | "
-                     f"{r['n_text_samples']} |")
+                     f"{r['n_text_samples']} / {r.get('n_forced_samples', 0)} |")
     lines += ["", "### Speed inside the sweep (concurrent requests; medians)", "",
               "| config | length | TTFT ms | TPOT ms | attended fraction (server) | errors |",
               "|---|---:|---:|---:|---:|---:|"]
@@ -637,7 +566,10 @@ def markdown(result: dict, plots: list[str]) -> str:
               "layers the strategy acts on); decode share: the server's report of the decode steps' "
               "attended share, every layer counted (a model's sliding-window layers attend their window); "
               "agreement/prefix: greedy tokens equal to full's (position-wise / common prefix); KL: "
-              "mean KL(full || strategy) over full's top-20 + other, on the common prefix; decode ppl "
+              "mean KL(full || strategy) over full's top-20 + other, on the common prefix; forced top-1 / KL: "
+              "the same text's true next 64 tokens forced on both (teacher forcing), the share of the 63 "
+              "decode positions where the strategy's most likely token is full's and the mean KL there "
+              "(mean over texts, the worst text in brackets); decode ppl "
               "ratio: perplexity of the text's true next 64 tokens, teacher-forced, over full's, "
               "scored on the 63 tokens produced by decode steps (the first comes from the prefill); "
               "prompt ppl ratio: prompt perplexity (second half) over full's, from the prefill, "
@@ -653,7 +585,7 @@ def plot_lines(ax, series: dict[str, list[tuple[float, float]]], style=None) -> 
         pts = sorted(p for p in points if p[1] is not None and not math.isnan(p[1]))
         if pts:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label,
-                    linestyle="--" if label.startswith("full") else "-")
+                    linestyle="--" if label.startswith(FULL) else "-")
 
 
 def length_axis(ax, lengths: list[int]) -> None:
@@ -686,13 +618,13 @@ def write_plots(result: dict, out: Path) -> list[str]:
             for r in rows:
                 if r["length"] != length or r["score"] is None:
                     continue
-                if r["strategy"] == "full":
+                if r["strategy"] == FULL:
                     full_score = r["score"]
                 else:
                     series[r["strategy"]].append((r["nominal_fraction"], r["score"]))
             plot_lines(ax, series)
             if full_score is not None:
-                ax.axhline(full_score, color="black", linestyle="--", label="full")
+                ax.axhline(full_score, color="black", linestyle="--", label=FULL)
             ax.set_xlim(0, 1.05)
             ax.set_xlabel("KV share attended per decode step")
             ax.set_ylabel("mean task score")
@@ -711,7 +643,7 @@ def write_plots(result: dict, out: Path) -> list[str]:
         agree: dict[str, list] = defaultdict(list)
         kl: dict[str, list] = defaultdict(list)
         for r in rows:
-            if r["strategy"] == "full":
+            if r["strategy"] == FULL:
                 continue
             agree[r["config"]].append((r["length"], r["agreement"]))
             kl[r["config"]].append((r["length"], r["kl"]))
@@ -774,6 +706,10 @@ def write_report(result: dict, out: Path, doc: Path | None = None) -> None:
 # -- the command ------------------------------------------------------------------------------------
 
 
+# `attnserve <command>`: pyproject.toml declares this module in the attnserve.commands entry points
+COMMAND_HELP = "long-context tasks and fidelity to full: a strategy x budget x length sweep"
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_server_arguments(parser, required=False)   # one of them unless --report-from
     parser.add_argument("--strategies", default=DEFAULT_STRATEGIES,
@@ -791,6 +727,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="natural-text prompts per length for fidelity (0: none)")
     parser.add_argument("--no-ppl", dest="ppl", action="store_false",
                         help="skip the prompt-perplexity requests")
+    parser.add_argument("--no-greedy-text", dest="greedy_text", action="store_false",
+                        help="skip the free-running greedy continuations of the fidelity texts (agreement, "
+                             "prefix, KL): the teacher-forced ones measure fidelity without early divergence")
     parser.add_argument("--no-decode-ppl", dest="decode_ppl", action="store_false",
                         help="skip the teacher-forced continuation requests (decode ppl ratio)")
     parser.add_argument("--ppl-all", action="store_true",
@@ -817,8 +756,7 @@ def rebuild(out: Path, doc: Path | None = None, tokenizer: str | None = None) ->
     records = [json.loads(line) for line in (out / "outputs.jsonl").read_text().splitlines() if line.strip()]
     meta = result["meta"]
     configs = [Config(c["strategy"], c["budget"], tuple(sorted(c["extra"].items()))) for c in meta["configs"]]
-    num_layers = meta.get("num_layers") or model_layers(tokenizer)
-    result["rows"] = aggregate(records, configs, meta["lengths"], num_layers)
+    result["rows"] = aggregate(records, configs, meta["lengths"], model_facts(tokenizer))
     (out / "sweep.json").write_text(json.dumps(result, indent=1))
     write_report(result, out, doc)
     return result

@@ -71,8 +71,8 @@ def build_app(args: argparse.Namespace, settings: ServeSettings | None = None) -
 async def init_state(app: FastAPI, engine_client, args: argparse.Namespace, settings: ServeSettings):
     from vllm.entrypoints.launchers.api_server.app_state import init_app_state
 
+    from strategies.base import ParamError
     from server.attention import (
-        AttentionFieldError,
         AttentionPolicy,
         AttentionRequest,
         model_facts_from_vllm_config,
@@ -86,7 +86,7 @@ async def init_state(app: FastAPI, engine_client, args: argparse.Namespace, sett
     )
     try:  # the default must be valid and runnable here: fail at start, not per request
         policy.resolve(AttentionRequest())
-    except AttentionFieldError as err:
+    except ParamError as err:
         raise SystemExit(f"attnserve serve: --default-strategy {settings.default_strategy!r} "
                          f"cannot be served: {err.message}") from None
     app.state.attention_policy = policy

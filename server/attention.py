@@ -7,6 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from strategies.base import ParamError
+
 # The key of `SamplingParams.extra_args` that belongs to attnserve.
 EXTRA_ARGS_ATTENTION = "attention"
 
@@ -15,15 +17,6 @@ XARGS_ATTENTION = "attention"
 XARGS_STRATEGY = "attention_strategy"
 XARGS_PARAMS = "attention_params"
 XARGS_BUDGET = "attention_budget"
-
-
-class AttentionFieldError(ValueError):
-    """A request's attention choice is invalid or cannot run here; becomes a 400 naming `param`."""
-
-    def __init__(self, param: str, message: str):
-        super().__init__(message)
-        self.param = param
-        self.message = message
 
 
 @dataclass(frozen=True)
@@ -42,18 +35,16 @@ class AttentionRequest:
         return f"vllm_xargs.{XARGS_ATTENTION}_{key}"     # XARGS_STRATEGY, XARGS_PARAMS, XARGS_BUDGET
 
 
-def pop_attention_request(body: dict[str, Any]) -> AttentionRequest:
-    """Remove every spelling of the attention choice from `body` (vLLM must not see ours)."""
+XARGS_KEYS = (XARGS_ATTENTION, XARGS_STRATEGY, XARGS_PARAMS, XARGS_BUDGET)
+
+
+def pop_attention_request(body: dict[str, Any], xargs: dict[str, Any]) -> AttentionRequest:
+    """Remove the `attention` field from `body`; with the attention keys already taken out of its
+    `vllm_xargs` (``xargs``, routes.take_our_xargs), the request's attention choice."""
     top_level = body.pop("attention", None)
-    xargs = body.get("vllm_xargs")
-    ours = None
-    if isinstance(xargs, dict):
-        ours = {k: xargs.pop(k) for k in (XARGS_ATTENTION, XARGS_STRATEGY, XARGS_PARAMS, XARGS_BUDGET)
-                if k in xargs}
-        if not xargs:
-            body["vllm_xargs"] = None
+    ours = {k: xargs[k] for k in XARGS_KEYS if k in xargs}
     if top_level is not None and ours:
-        raise AttentionFieldError(
+        raise ParamError(
             "attention",
             "the attention choice was given twice (the `attention` field and `vllm_xargs`); "
             "use one of them",
@@ -70,35 +61,31 @@ class AttentionPolicy:
 
     def resolve(self, requested: AttentionRequest) -> Any:
         """Validate a request's choice → `strategies.registry.AttentionChoice`, or raise
-        AttentionFieldError naming the field and what is allowed."""
-        from strategies.base import ParamError
+        ParamError naming the (dotted) field and what is allowed."""
         from strategies.registry import get, parse_attention, parse_vllm_xargs
 
-        try:
-            if requested.xargs is not None:
-                choice = parse_vllm_xargs(requested.xargs)
-            else:
-                choice = parse_attention(requested.top_level, "attention")
-            if choice is None:
-                choice = parse_attention({"strategy": self.default_strategy}, "attention")
-            reasons = self.unsupported_reasons(choice.strategy)
-            if reasons:
-                raise AttentionFieldError(
-                    requested.field("strategy"),
-                    f"strategy {choice.strategy!r} cannot run on this server: " + "; ".join(reasons),
-                )
-            if self.model_facts is not None:
+        if requested.xargs is not None:
+            choice = parse_vllm_xargs(requested.xargs)
+        else:
+            choice = parse_attention(requested.top_level, "attention")
+        if choice is None:
+            choice = parse_attention({"strategy": self.default_strategy}, "attention")
+        reasons = self.unsupported_reasons(choice.strategy)
+        if reasons:
+            raise ParamError(
+                requested.field("strategy"),
+                f"strategy {choice.strategy!r} cannot run on this server: " + "; ".join(reasons),
+            )
+        if self.model_facts is not None:
+            try:
+                get(choice.strategy).validate_for_model(choice.params, self.model_facts)
+            except ParamError as err:
+                raise err.under(requested.field("params")) from None
+            if choice.budget is not None:
                 try:
-                    get(choice.strategy).validate_for_model(choice.params, self.model_facts)
+                    get(choice.strategy).check_budget(choice.params, choice.budget, self.model_facts)
                 except ParamError as err:
-                    raise err.under(requested.field("params")) from None
-                if choice.budget is not None:
-                    try:
-                        get(choice.strategy).check_budget(choice.params, choice.budget, self.model_facts)
-                    except ParamError as err:
-                        raise AttentionFieldError(requested.field("budget"), err.message) from None
-        except ParamError as err:
-            raise AttentionFieldError(err.field, err.message) from None
+                    raise ParamError(requested.field("budget"), err.message) from None
         return choice
 
     def unsupported_reasons(self, strategy: str) -> list[str]:

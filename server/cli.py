@@ -264,7 +264,7 @@ def run_serve(args: argparse.Namespace) -> int:
     return uvloop.run(run_server(settings))
 
 
-# -- calibrate-seer, seer-report, calibration-text (strategies/seer_calibration_cli.py) -----------
+# -- calibrate-seer, seer-report, calibration-text (strategies/calibration/cli.py) ---------------
 
 
 def _with_model(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
@@ -282,7 +282,7 @@ def _with_model(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.
 
 
 def _seer_calibration_commands() -> tuple[Command, ...]:
-    from strategies import seer_calibration_cli as seer
+    from strategies.calibration import cli as seer
 
     return (
         Command("calibrate-seer", "calibrate SeerAttention gates for a model (base model frozen)",
@@ -294,55 +294,32 @@ def _seer_calibration_commands() -> tuple[Command, ...]:
     )
 
 
-# -- eval / bench / recommend (bench/) ------------------------------------------------------------
+# -- commands of other packages (eval / bench / recommend: bench/) ---------------------------------
+# The evaluation and benchmarks are clients of the server: they declare their commands in the
+# `attnserve.commands` entry-point group (pyproject.toml), so that the server imports none of them. An entry
+# point names a module with COMMAND_HELP, add_arguments(parser) and run(args) -> int.
+COMMAND_GROUP = "attnserve.commands"
 
 
-def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
-    from bench.sweep import add_arguments
+def plugin_commands(taken: set[str]) -> tuple[Command, ...]:
+    from importlib.metadata import entry_points
 
-    add_arguments(parser)
-
-
-def run_eval(args: argparse.Namespace) -> int:
-    from bench.sweep import run
-
-    return run(args)
-
-
-def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
-    from bench.serving import add_arguments
-
-    add_arguments(parser)
-
-
-def run_bench(args: argparse.Namespace) -> int:
-    from bench.serving import run
-
-    return run(args)
-
-
-def add_recommend_arguments(parser: argparse.ArgumentParser) -> None:
-    from bench.recommend import add_arguments
-
-    add_arguments(parser)
-
-
-def run_recommend(args: argparse.Namespace) -> int:
-    from bench.recommend import run
-
-    return run(args)
+    commands = []
+    for point in sorted(entry_points(group=COMMAND_GROUP), key=lambda p: p.name):
+        if point.name in taken:
+            continue
+        try:
+            module = point.load()
+            commands.append(Command(point.name, module.COMMAND_HELP, module.add_arguments, module.run))
+        except Exception as err:  # noqa: BLE001 - a broken plugin must not take `attnserve serve` down
+            print(f"attnserve: command {point.name!r} ({point.value}) not loaded: {err}", file=sys.stderr)
+    return tuple(commands)
 
 
 COMMANDS: tuple[Command, ...] = (
     Command("serve", "serve the OpenAI-compatible API", add_serve_arguments, run_serve),
     Command("prepare-model", "convert a named model into the cache (idempotent)",
             add_prepare_model_arguments, run_prepare_model),
-    Command("eval", "long-context tasks and fidelity to full: a strategy x budget x length sweep",
-            add_eval_arguments, run_eval),
-    Command("bench", "serving speed (TTFT, TPOT, throughput) per strategy against full",
-            add_bench_arguments, run_bench),
-    Command("recommend", "the cheapest measured strategy + budget meeting a fidelity floor",
-            add_recommend_arguments, run_recommend),
     *_seer_calibration_commands(),
 )
 
@@ -353,7 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="LLM inference server whose attention strategy is chosen per request.",
     )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for command in COMMANDS:
+    for command in COMMANDS + plugin_commands({c.name for c in COMMANDS}):
         sub = subparsers.add_parser(command.name, help=command.help, description=command.help)
         command.add_arguments(sub)
         sub.set_defaults(run=command.run)

@@ -27,7 +27,7 @@ from vllm.v1.engine.exceptions import EngineDeadError
 
 from server import metrics
 from server.attention import (
-    AttentionFieldError,
+    XARGS_KEYS,
     AttentionPolicy,
     attention_report,
     extra_args_for,
@@ -35,12 +35,11 @@ from server.attention import (
 )
 from server.config import DEFAULT_STRATEGY, ServeSettings
 from server.errors import bad_request, error_response
+from strategies.base import ParamError
 from server.forcing import (
     FORCE_TOKENS_KEY,
-    ForceTokensError,
     ForcingPolicy,
     check_compatible,
-    pop_force_tokens,
 )
 
 router = APIRouter()
@@ -48,21 +47,14 @@ router = APIRouter()
 SSE_DONE = "data: [DONE]\n\n"
 
 
-class BodyError(ValueError):
-    def __init__(self, param: str | None, message: str):
-        super().__init__(message)
-        self.param = param
-        self.message = message
-
-
 async def read_json_object(raw_request: Request) -> dict[str, Any]:
     raw = await raw_request.body()
     try:
         body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise BodyError(None, f"the request body is not valid JSON: {err}") from None
+        raise ParamError("body", f"not valid JSON: {err}") from None
     if not isinstance(body, dict):
-        raise BodyError(None, f"the request body must be a JSON object, got {type(body).__name__}")
+        raise ParamError("body", f"must be a JSON object, got {type(body).__name__}")
     return body
 
 
@@ -167,6 +159,18 @@ def check_bounds(request: Any, settings: ServeSettings) -> JSONResponse | None:
 PROTOCOLS = {"cmpl": BoundedCompletionRequest, "chatcmpl": BoundedChatCompletionRequest}
 
 
+def take_our_xargs(body: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
+    """Our ``keys`` of the body's `vllm_xargs`, taken out of it (vLLM must not see them; a `vllm_xargs`
+    left empty becomes null). The one reader of a request's `vllm_xargs`."""
+    xargs = body.get("vllm_xargs")
+    if not isinstance(xargs, dict):
+        return {}
+    ours = {k: xargs.pop(k) for k in keys if k in xargs}
+    if not xargs:
+        body["vllm_xargs"] = None
+    return ours
+
+
 async def prepare(
     raw_request: Request, protocol: type[pydantic.BaseModel], prefix: str
 ) -> tuple[Any, Any, list[str]] | JSONResponse:
@@ -177,13 +181,13 @@ async def prepare(
     forcing: ForcingPolicy = getattr(raw_request.app.state, "forcing", ForcingPolicy(False))
     try:
         body = await read_json_object(raw_request)
-        requested = pop_attention_request(body)
-        force_given, force_value = pop_force_tokens(body)
+        ours = take_our_xargs(body, (*XARGS_KEYS, FORCE_TOKENS_KEY))
+        requested = pop_attention_request(body, ours)
         choice = policy.resolve(requested)
-        forced = forcing.parse(force_value) if force_given else None
-    except (BodyError, AttentionFieldError, ForceTokensError) as err:
+        forced = forcing.parse(ours[FORCE_TOKENS_KEY]) if FORCE_TOKENS_KEY in ours else None
+    except ParamError as err:
         metrics.reject(metrics.REJECT_BAD_INPUT)
-        return bad_request(err.message, err.param)
+        return bad_request(err.message, err.field)
     try:
         request = protocol.model_validate(body)
     except pydantic.ValidationError as err:
@@ -202,9 +206,9 @@ async def prepare(
     if forced is not None:
         try:
             check_compatible(request)
-        except ForceTokensError as err:
+        except ParamError as err:
             metrics.reject(metrics.REJECT_BAD_INPUT)
-            return bad_request(err.message, err.param)
+            return bad_request(err.message, err.field)
         ours[FORCE_TOKENS_KEY] = forced
     engine_ids = engine_request_ids(prefix, request, raw_request)
     # vLLM copies `vllm_xargs` into SamplingParams.extra_args (to_sampling_params); the protocol

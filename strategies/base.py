@@ -267,6 +267,15 @@ class ModelFacts:
         return sum(1 for layer in self.window_layers if first <= layer < end)
 
     @property
+    def model_routed_layers(self) -> int:
+        """Layers of the whole model without a window (those a request's strategy attends on)."""
+        return self.num_layers - sum(1 for layer in self.window_layers if layer < self.num_layers)
+
+    def routed_layers_below(self, end: int) -> int:
+        """Layers without a window among the model's first ``end``."""
+        return sum(1 for layer in range(min(end, self.num_layers)) if layer not in self.window_layers)
+
+    @property
     def routed_layers(self) -> int:
         """Layers this worker runs where a request's strategy attends (the layers without a window)."""
         return self.local_layers - self.local_window_layers
@@ -578,6 +587,14 @@ class Strategy:
         never below the strategy's minimum. Later steps see more context and the same count. ``model`` is
         None in vLLM's scheduler, where strategies that release KV (``releases_kv``) map their budget."""
         raise NotImplementedError(f"strategy {cls.name!r} takes no budget")
+
+    @classmethod
+    def decode_share(cls, params: StrategyParams, context_len: int, model: ModelFacts) -> float:
+        """The share of a ``context_len``-token context one decode step attends under ``params``, averaged
+        over the layers strategies route (a model's sliding-window layers attend their window for every
+        strategy and are not counted) and over a cycle of steps: what ``params_for_budget`` inverts,
+        counted from the params alone. NaN where it depends on the data (e.g. a threshold)."""
+        return float("nan")
 
     @classmethod
     def prefills_densely(cls, params: StrategyParams) -> bool:

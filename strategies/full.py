@@ -65,6 +65,10 @@ class FullStrategy(Strategy):
     description = "Dense attention over the whole KV cache (the control)."
     dense_prefill = True
 
+    @classmethod
+    def decode_share(cls, params, context_len, model) -> float:
+        return 1.0
+
     def plan(self, rows: StepRows) -> DensePlan:
         return plan_dense(self, rows)
 

@@ -79,25 +79,41 @@ class LandmarkStrategy(Strategy):
     dense_prefill = True
     budget_param = "k_blocks"
 
+    @staticmethod
+    def dense_and_routed(params: Params, model: ModelFacts) -> tuple[int, int]:
+        """(dense, all) layers landmark acts on: a model's sliding-window layers are vLLM's (Gemma 3's first
+        layers are, so its ``dense_layers`` count only the routed layers among the first ones)."""
+        return model.routed_layers_below(params.dense_layers), model.model_routed_layers
+
     @classmethod
     def check_budget(cls, params: Params, budget, model: ModelFacts) -> None:
-        dense = min(params.dense_layers, model.num_layers)
-        if isinstance(budget, float) and budget * model.num_layers <= dense:
-            raise ParamError("budget", f"landmark's {dense} dense layers of {model.num_layers} alone attend "
-                                       f"{dense / model.num_layers:.4g} of the context; allowed: a larger budget "
+        dense, layers = cls.dense_and_routed(params, model)
+        if isinstance(budget, float) and dense and budget * layers <= dense:
+            raise ParamError("budget", f"landmark's {dense} dense layers of {layers} alone attend "
+                                       f"{dense / layers:.4g} of the context; allowed: a larger budget "
                                        f"or fewer dense_layers")
 
     @classmethod
     def params_for_budget(cls, params: Params, budget, context_len: int, model: ModelFacts) -> Params:
         """Per decode step the first ``dense_layers`` layers attend the context and the others k_blocks
         chunks plus the first and the newest; averaged over layers that is at most the budget."""
-        context, layers = max(int(context_len), 1), model.num_layers
-        dense = min(params.dense_layers, layers)
+        context = max(int(context_len), 1)
+        dense, layers = cls.dense_and_routed(params, model)
         chunk = effective_chunk(params.block_size, model.kv_block_size)
         if dense >= layers:
             return params
         per_sparse_layer = (budget_tokens(budget, context) * layers - dense * context) / (layers - dense)
         return dataclasses.replace(params, k_blocks=max(1, int(per_sparse_layer // chunk) - 2))
+
+    @classmethod
+    def decode_share(cls, params: Params, context_len: int, model: ModelFacts) -> float:
+        context = max(int(context_len), 1)
+        dense, layers = cls.dense_and_routed(params, model)
+        chunk = effective_chunk(params.block_size, model.kv_block_size)
+        chunks = -(-context // chunk)
+        newest = context - (chunks - 1) * chunk             # the newest chunk is partly filled
+        kept = min(1.0, ((resolve_budget(params.k_blocks, chunks) + 1) * chunk + newest) / context)
+        return (dense + (layers - dense) * kept) / layers
 
     def __init__(self, model):
         super().__init__(model)

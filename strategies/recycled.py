@@ -102,6 +102,12 @@ class RecycledStrategy(Strategy):
         k = (budget_tokens(budget, context) - context / stride) / (1 - 1 / stride) - stride / 2
         return dataclasses.replace(params, k=max(1, int(k)))
 
+    @classmethod
+    def decode_share(cls, params: Params, context_len: int, model: ModelFacts) -> float:
+        context, stride = max(int(context_len), 1), params.stride
+        kept = min(1.0, (resolve_budget(params.k, context) + stride / 2) / context)
+        return (1 + (stride - 1) * kept) / stride
+
     POOL_PAGE = 64      # tokens per page of the recycled-KV pool
 
     def __init__(self, model):

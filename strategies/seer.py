@@ -12,14 +12,16 @@ Per layer and KV head, a learned gate scores key blocks of ``block_size`` tokens
   ``ops.paged_prefill_attention``. (The paper's per-query-head gate is folded per KV group here because
   the mask is per KV head.)
 
-vLLM caches keys after the model's RoPE, so gates are calibrated on post-RoPE pooled keys (calibration is
-a later issue). Pooled keys live per *physical* KV block (``[num_blocks, Hkv, page // block, 3*D]`` fp32
-per layer); a request remembers up to which token it has pooled.
+vLLM caches keys after the model's RoPE, so gates are calibrated on post-RoPE pooled keys
+(``strategies/calibration/``, ``attnserve calibrate-seer``). Pooled keys live per *physical* KV block
+(``[num_blocks, Hkv, page // block, 3*D]`` fp32 per layer); a request remembers up to which token it has
+pooled.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import json
 import math
@@ -122,14 +124,17 @@ def model_name(model_id: str) -> str:
 @dataclass(frozen=True)
 class Params(StrategyParams):
     block_size: int = param(64, choices=(16, 32, 64, 128), doc="tokens per gated key block (paper: 64); "
-                                                              "must divide the KV page size")
+                                                              "must divide the KV page size; under a budget "
+                                                              "that leaves fewer than 8 blocks of 64, 64 "
+                                                              "becomes 32 where the model has gates at 32")
     threshold: float = param(2e-3, minimum=0.0, maximum=1.0,
                              doc="keep blocks whose gate probability is >= threshold (paper: 2e-3, 5e-4..5e-3); "
                                  "used when top_k is 0")
     top_k: Budget = param(0, minimum=0, doc="0: use threshold; else blocks kept besides the newest: a count, "
                                             "or a fraction (0, 1] of the context's blocks")
     gates: Optional[str] = param(None, doc="gate weights by name: 'identity' (training-free), null for the model's "
-                                           "default (<gates dir>/<model>/seer.safetensors, else the gates shipped in "
+                                           "default at block_size (<gates dir>/<model>/seer.safetensors at 64, seer-b<block>.safetensors "
+                                           "at others; else the gates shipped in "
                                            "strategies/data/<model>/), or a name N for <gates dir>/<model>/N.safetensors "
                                            "(else the shipped N.safetensors); names: " + GATE_NAME_RULE + ". "
                                            "A path is refused unless the server allows its directory "
@@ -231,13 +236,25 @@ def check_gate_metadata(meta: dict, model: ModelFacts, block_size: int) -> list[
     return out
 
 
-def resolve_gates(gates: Optional[str], model: ModelFacts) -> Optional[Path]:
-    """The gate file of a ``gates`` param (None for the identity gate)."""
+PAPER_BLOCK = 64       # SeerAttention's block size, the default
+FINE_BLOCK = 32        # where a budget leaves fewer than MIN_BUDGET_BLOCKS blocks of PAPER_BLOCK (docs/seer.md)
+MIN_BUDGET_BLOCKS = 8
+
+
+def default_gate_name(block_size: int) -> str:
+    """The model's default gates at ``block_size``: ``seer`` at the paper's 64, else ``seer-b<block>``."""
+    return "seer" if block_size == PAPER_BLOCK else f"seer-b{block_size}"
+
+
+def resolve_gates(gates: Optional[str], model: ModelFacts, block_size: int = PAPER_BLOCK) -> Optional[Path]:
+    """The gate file of a ``gates`` param (None for the identity gate); null names the model's default
+    gates at ``block_size``."""
     if gates == IDENTITY:
         return None
     if gates is None:
-        calibrated = gates_dir() / model_name(model.model_id) / "seer.safetensors"
-        shipped = SHIPPED_GATES_DIR / model_name(model.model_id) / "seer.safetensors"
+        name = default_gate_name(block_size)
+        calibrated = gates_dir() / model_name(model.model_id) / f"{name}.safetensors"
+        shipped = SHIPPED_GATES_DIR / model_name(model.model_id) / f"{name}.safetensors"
         return shipped if not calibrated.exists() and shipped.exists() else calibrated
     if is_gate_name(gates):
         calibrated = gates_dir() / model_name(model.model_id) / f"{gates}.safetensors"
@@ -245,6 +262,18 @@ def resolve_gates(gates: Optional[str], model: ModelFacts) -> Optional[Path]:
         return shipped if not calibrated.exists() and shipped.exists() else calibrated
     check_gates_param(gates)            # a bad name or a path outside the allowed directories: ParamError
     return allowed_gate_path(gates)
+
+
+@functools.lru_cache(maxsize=64)
+def _default_gates_exist(model_id: str, block_size: int, gates_root: str) -> bool:
+    name = f"{default_gate_name(block_size)}.safetensors"
+    return any((root / model_name(model_id) / name).is_file() for root in (Path(gates_root), SHIPPED_GATES_DIR))
+
+
+def has_default_gates(model: ModelFacts, block_size: int) -> bool:
+    """Whether the model has default gates at ``block_size`` (calibrated or shipped; cached: the budget
+    mapping runs per request and step)."""
+    return _default_gates_exist(model.model_id, block_size, str(gates_dir()))
 
 
 def rope(x: Tensor, positions: Tensor, theta: float) -> Tensor:
@@ -300,9 +329,26 @@ class SeerStrategy(Strategy):
 
     @classmethod
     def params_for_budget(cls, params: Params, budget, context_len: int, model: ModelFacts) -> Params:
-        """top_k blocks plus the newest per decode step (the budget replaces the threshold)."""
-        blocks = int(budget_tokens(budget, context_len) // params.block_size)
-        return dataclasses.replace(params, top_k=max(1, blocks - 1))
+        """top_k blocks plus the newest per decode step (the budget replaces the threshold). Where the budget
+        leaves fewer than MIN_BUDGET_BLOCKS blocks of the paper's 64 tokens and the model's default gates
+        exist at FINE_BLOCK too, the budget takes 32-token blocks: at 2k tokens and 1/8, 4 blocks of 64 (one
+        the newest) miss a pass key that straddles blocks or ranks 4th-5th at the first digit's step, 8 of
+        32 keep it (docs/seer.md, "Block size under a budget")."""
+        tokens = budget_tokens(budget, context_len)
+        block = params.block_size
+        if (block == PAPER_BLOCK and params.gates is None and tokens < MIN_BUDGET_BLOCKS * block
+                and model is not None and has_default_gates(model, FINE_BLOCK)):
+            block = FINE_BLOCK
+        return dataclasses.replace(params, block_size=block, top_k=max(1, int(tokens // block) - 1))
+
+    @classmethod
+    def decode_share(cls, params: Params, context_len: int, model: ModelFacts) -> float:
+        if not params.top_k:
+            return float("nan")     # threshold: as many blocks as the gate's probabilities pass
+        context, block = max(int(context_len), 1), params.block_size
+        blocks = -(-context // block)
+        newest = context - (blocks - 1) * block             # the newest block is partly filled
+        return min(1.0, (min(resolve_budget(params.top_k, blocks), blocks - 1) * block + newest) / context)
 
     def __init__(self, model: ModelFacts):
         super().__init__(model)
@@ -319,7 +365,7 @@ class SeerStrategy(Strategy):
         if model.kv_block_size % params.block_size:
             raise ParamError("block_size", f"must divide the KV page size {model.kv_block_size}; allowed: "
                                            f"{[b for b in (16, 32, 64, 128) if model.kv_block_size % b == 0]}")
-        path = resolve_gates(params.gates, model)
+        path = resolve_gates(params.gates, model, params.block_size)
         if path is None:
             return
         if not path.is_file():
@@ -335,7 +381,7 @@ class SeerStrategy(Strategy):
             raise ParamError("gates", f"{path} does not fit this model: {'; '.join(problems)}; " + CALIBRATE_HINT)
 
     def gates_for(self, params: Params, device: torch.device) -> SeerGates:
-        path = resolve_gates(params.gates, self.model)
+        path = resolve_gates(params.gates, self.model, params.block_size)
         key = (str(path) if path else IDENTITY, params.block_size, str(device))
         found = self._gates.get(key)
         if found is None:
@@ -356,7 +402,7 @@ class SeerStrategy(Strategy):
             p = rows.params[i]
             n_blocks = -(-rows.seq_lens_cpu[i] // p.block_size)
             top_k = 0 if p.top_k == 0 else resolve_budget(p.top_k, n_blocks)
-            return p.block_size, p.threshold, top_k, resolve_gates(p.gates, self.model)
+            return p.block_size, p.threshold, top_k, resolve_gates(p.gates, self.model, p.block_size)
 
         out = []
         for (pool, threshold, top_k, gate_file), sub in group_rows_by(rows, group, key):

@@ -77,6 +77,10 @@ class SinkStrategy(Strategy):
         return dataclasses.replace(params, window=max(1, window))
 
     @classmethod
+    def decode_share(cls, params: Params, context_len: int, model: ModelFacts) -> float:
+        return min(1.0, (params.n_sink + params.window) / max(int(context_len), 1))
+
+    @classmethod
     def kept_kv(cls, params: Params) -> tuple[int, int]:
         return int(params.n_sink), int(params.window)
 

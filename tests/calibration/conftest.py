@@ -29,26 +29,26 @@ def model_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def lm(model_dir):
-    from strategies.seer_calibration import load_model
+    from strategies.calibration.train import load_model
     return load_model(model_dir)
 
 
 @pytest.fixture(scope="session")
 def docs():
-    from strategies.seer_calibration import calibration_documents
+    from strategies.calibration.train import calibration_documents
     return calibration_documents()
 
 
 @pytest.fixture(scope="session")
 def train_features(lm, docs):
-    from strategies.seer_calibration import calibration_text, features, token_windows
+    from strategies.calibration.train import calibration_text, features, token_windows
     ids = token_windows(lm.tokenizer, calibration_text("train", docs), SEQ_LEN, 2)
     return features(lm, ids, block=BLOCK, rows_per_window=64, prefill_blocks=4, seed=0)
 
 
 @pytest.fixture(scope="session")
 def heldout_features(lm, docs):
-    from strategies.seer_calibration import calibration_text, features, token_windows
+    from strategies.calibration.train import calibration_text, features, token_windows
     ids = token_windows(lm.tokenizer, calibration_text("eval", docs), 320, 1)
     return features(lm, ids, block=BLOCK, rows_per_window=96, prefill_blocks=4, seed=1)
 
@@ -56,6 +56,6 @@ def heldout_features(lm, docs):
 @pytest.fixture(scope="session")
 def raw_qk(lm, docs):
     """Post-RoPE q [L, T, Hq, D], k [L, T, Hkv, D] of one held-out window of 170 tokens (a partial block)."""
-    from strategies.seer_calibration import calibration_text, capture_qk, tokenize_prefix
+    from strategies.calibration.train import calibration_text, capture_qk, tokenize_prefix
     ids = tokenize_prefix(lm.tokenizer, calibration_text("eval", docs), 170)
     return capture_qk(lm, ids)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from server.cli import main
-from strategies import seer_calibration as sc
+from strategies.calibration import train as sc
 from strategies.base import ParamError
 from strategies.seer import Params, SeerGates, SeerStrategy
 

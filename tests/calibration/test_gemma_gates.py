@@ -18,25 +18,25 @@ GLOBAL_LAYERS = [5, 11, 17]       # Gemma 3 270M: a global layer after every 5 s
 
 @pytest.fixture(scope="module")
 def gemma_lm(gemma_model_dir):
-    from strategies.seer_calibration import load_model
+    from strategies.calibration.train import load_model
     return load_model(gemma_model_dir)          # fp32, eager attention (its maps are compared below)
 
 
 @pytest.fixture(scope="module")
 def gemma_ids(gemma_lm):
-    from strategies.seer_calibration import calibration_text, tokenize_prefix
+    from strategies.calibration.train import calibration_text, tokenize_prefix
     return tokenize_prefix(gemma_lm.tokenizer, calibration_text("eval"), 300)
 
 
 def test_only_the_global_layers_are_calibrated(gemma_model_dir):
-    from strategies.seer_calibration import gated_layers
+    from strategies.calibration.train import gated_layers
     facts = ModelFacts.from_model_dir(gemma_model_dir)
     assert gated_layers(facts) == GLOBAL_LAYERS
 
 
 def test_captured_keys_are_the_keys_the_model_caches(gemma_lm, gemma_ids):
     """q_norm/k_norm then RoPE, as Gemma's attention does: the keys equal its own KV cache's."""
-    from strategies.seer_calibration import capture_qk
+    from strategies.calibration.train import capture_qk
     q, k = capture_qk(gemma_lm, gemma_ids, GLOBAL_LAYERS)
     assert q.shape == (3, gemma_ids.numel(), 4, 256) and k.shape == (3, gemma_ids.numel(), 1, 256)
     with torch.no_grad():
@@ -49,7 +49,7 @@ def test_captured_keys_are_the_keys_the_model_caches(gemma_lm, gemma_ids):
 def test_decode_targets_are_the_models_attention(gemma_lm, gemma_ids):
     """The decode target of a global layer is the model's own attention map (eager, Gemma's scale
     query_pre_attn_scalar ** -0.5) max-pooled into key blocks and row-normalised."""
-    from strategies.seer_calibration import features
+    from strategies.calibration.train import features
     f = features(gemma_lm, gemma_ids.view(1, -1), block=BLOCK, rows_per_window=16, prefill_blocks=2, seed=0)
     assert f.layers.tolist() == GLOBAL_LAYERS
     assert f.q.shape[1] == len(GLOBAL_LAYERS) and f.target.shape[1] == len(GLOBAL_LAYERS)
@@ -70,7 +70,7 @@ def test_shipped_gemma_gates_fit_and_beat_the_identity_gate(gemma_model_dir, gem
     well under the identity gate's, and at a 1/8 block budget they keep more of the global layers'
     attention mass (on Gemma the identity gate is already close to the oracle: docs/seer.md)."""
     from strategies.seer import SHIPPED_GATES_DIR, Params, SeerGates, SeerStrategy, resolve_gates
-    from strategies.seer_calibration import calibration_text, decode_recall, features, gate_losses, token_windows
+    from strategies.calibration.train import calibration_text, decode_recall, features, gate_losses, token_windows
 
     monkeypatch.setenv("ATTNSERVE_GATES_DIR", str(tmp_path))      # no calibrated gates in the cache
     facts = ModelFacts.from_model_dir(gemma_model_dir)
@@ -99,7 +99,7 @@ def test_shipped_gemma_gates_fit_and_beat_the_identity_gate(gemma_model_dir, gem
 def test_seer_report_of_the_identity_gate_lists_the_global_layers(gemma_model_dir):
     """``attnserve seer-report --gates identity``: the training-free gate, on the layers seer runs on,
     under their model indices."""
-    from strategies.seer_calibration import seer_report
+    from strategies.calibration.train import seer_report
     text = seer_report(gemma_model_dir, "identity", seq_len=512, windows=1, rows_per_window=16, progress=False)
     assert "| budget 1/8 | seer |" in text and "| budget 1/8 | oracle |" in text
     layer_rows = [line.split("|")[1].strip() for line in text.splitlines()

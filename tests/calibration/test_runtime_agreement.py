@@ -7,7 +7,7 @@ import dataclasses
 
 import torch
 
-from strategies import seer_calibration as sc
+from strategies.calibration import train as sc
 from strategies.base import StepRows
 from strategies.seer import Params, SeerGates, SeerStrategy
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 
-from strategies import seer_calibration as sc
+from strategies.calibration import train as sc
 
 
 def _write_docs(root, names_texts):

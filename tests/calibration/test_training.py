@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from strategies import seer_calibration as sc
+from strategies.calibration import train as sc
 
 BLOCK = 16  # the block size of the session features (conftest.BLOCK)
 

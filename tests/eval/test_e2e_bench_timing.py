@@ -27,3 +27,15 @@ def test_no_steady_window_gives_nan():
     # request 0 finished before request 1's first token (the batch's prefills did not overlap its decode)
     assert math.isnan(steady_decode_tpot([[1.0, 1.1, 1.2], [2.0, 2.1]]))
 
+
+
+def test_own_param_budget_sets_each_strategys_budget_param():
+    """`--budget-is params` (how the earlier tables were made): the strategy's own budget param at the
+    budget, as a fraction where the param takes one, else in tokens of the prompt."""
+    from bench.e2e import own_param_config
+
+    assert own_param_config("sink", 0.125, 2048, {}).attention() == {"strategy": "sink",
+                                                                    "params": {"window": 256}}
+    assert own_param_config("seer", 0.125, 2048, {"prefill": "dense"}).attention() == {
+        "strategy": "seer", "params": {"prefill": "dense", "top_k": 0.125}}
+    assert own_param_config("full", 0.125, 2048, {}).attention() == {"strategy": "full", "params": {}}

@@ -6,9 +6,12 @@ import math
 
 import pytest
 
+import torch
+
 from bench import fidelity as fid
 from bench import recommend as rec
 from bench import sweep as sw
+from strategies.base import ModelFacts
 
 
 def logs(probs: dict[int, float]) -> dict[int, float]:
@@ -75,43 +78,65 @@ def test_text_samples_are_deterministic_natural_text(tokenizer):
     assert "licen" in tokenizer.decode(a.prompt_ids + c.prompt_ids).lower()
 
 
-def test_budget_to_strategy_params():
+def test_forced_fidelity_compares_every_forced_position():
+    full = [logs({1: 0.9, 2: 0.1})] + [logs({1: 0.6, 2: 0.3})] * 4
+    same = fid.forced_fidelity(full, full)
+    assert same["forced_top1"] == 1.0 and same["forced_kl"] == pytest.approx(0.0, abs=1e-12)
+    assert same["forced_positions"] == 4                       # the prefill's position is left out
+    flipped = full[:3] + [logs({1: 0.3, 2: 0.6})] * 2          # the last two positions prefer token 2
+    out = fid.forced_fidelity(full, flipped)
+    assert out["forced_top1"] == pytest.approx(0.5) and out["forced_kl"] > 0.05
+    assert math.isnan(fid.forced_fidelity([], [])["forced_top1"])
+
+
+def test_budget_parsing():
     assert sw.parse_budget("512") == 512 and sw.parse_budget("0.25") == 0.25
     assert isinstance(sw.parse_budget("1.0"), float)
     with pytest.raises(ValueError):
         sw.parse_budget("1.5")
     with pytest.raises(ValueError):
         sw.parse_budget("0")
-    assert sw.Config("sink", 512).params_for(4096) == {"window": 508}
-    assert sw.Config("sink", 0.25, (("n_sink", 64),)).params_for(4096) == {"n_sink": 64, "window": 960}
-    assert sw.Config("recycled", 0.125).params_for(4096) == {"k": 0.125}
-    assert sw.Config("landmark", 512).params_for(4096) == {"k_blocks": 30}
-    assert sw.Config("seer", 512).params_for(4096) == {"top_k": 7}
-    assert sw.nominal_fraction("sink", {"n_sink": 4, "window": 508}, 4096) == pytest.approx(0.125)
-    assert sw.nominal_fraction("seer", {"top_k": 7}, 4096) == pytest.approx(0.125)
-    assert sw.nominal_fraction("landmark", {"k_blocks": 30, "dense_layers": 0}, 4096) == pytest.approx(0.125)
 
 
-@pytest.mark.parametrize("strategy,base", [("sink", {}), ("sink", {"n_sink": 64}), ("recycled", {}),
-                                           ("recycled", {"stride": 50}), ("landmark", {}),
-                                           ("landmark", {"dense_layers": 0, "block_size": 32}), ("seer", {})])
+def test_a_config_asks_the_server_for_its_budget():
+    """The eval sends `attention.budget` and leaves the mapping to the server; the fixed params go beside it."""
+    assert sw.Config("sink", 0.25, (("n_sink", 64),)).attention() == {
+        "strategy": "sink", "params": {"n_sink": 64}, "budget": 0.25}
+    assert sw.Config("full", None).attention() == {"strategy": "full", "params": {}}
+    assert [c.label for c in sw.build_configs(["full", "sink", "seer"], [0.125, 512], {})] == [
+        "full", "sink@0.125", "sink@512", "seer@0.125", "seer@512"]
+
+
+SMOL = ModelFacts(30, 9, 3, 64, 128, 8192, torch.float32, "SmolLM2-135M-Instruct")
+GEMMA = ModelFacts(18, 4, 1, 256, 128, 32768, torch.float32, "gemma-3-270m",
+                   window_layers=tuple(i for i in range(18) if i % 6 != 5), sliding_window=512)
+
+
+@pytest.mark.parametrize("model", [SMOL, GEMMA], ids=["smollm2", "gemma3"])
+@pytest.mark.parametrize("strategy,extra", [("sink", {}), ("sink", {"n_sink": 64}), ("recycled", {}),
+                                            ("recycled", {"stride": 50}), ("landmark", {}),
+                                            ("landmark", {"dense_layers": 0, "block_size": 32}),
+                                            ("seer", {"gates": "identity"})])
+@pytest.mark.parametrize("budget", [0.125, 0.25, 1000])
 @pytest.mark.parametrize("length", [2048, 4096, 8000])
-def test_params_for_fraction_inverts_nominal_fraction(strategy, base, length):
-    """The budget read as the share attended: the dense parts (recycled's full step, landmark's dense
-    layers) shrink the sparse budget, and the share comes back to within one chunk / block."""
-    params = sw.params_for_fraction(strategy, 0.125, length, 30, base=base)
-    assert {k: params[k] for k in base} == base
-    block = {"landmark": params.get("block_size", 16), "seer": 64}.get(strategy, 1)
-    assert sw.nominal_fraction(strategy, params, length, 30) == pytest.approx(0.125, abs=block / length)
+def test_the_resolved_share_meets_the_budget(strategy, extra, budget, length, model):
+    """What the eval reports as a row's share (the server's mapping of the budget, then the strategy's own
+    count of those params) is the budget within one block or chunk, never above it by more than 1/64."""
+    params, share = sw.Config(strategy, budget, tuple(sorted(extra.items()))).resolved(length, model)
+    assert {k: params[k] for k in extra} == extra
+    wanted = budget if isinstance(budget, float) else budget / length
+    block = {"landmark": 2 * params.get("block_size", 16), "seer": 64, "recycled": 16}.get(strategy, 1)
+    assert wanted - block / length - 1e-9 <= share <= wanted + 1 / 64, (params, share)
 
 
-def test_params_for_fraction_of_dense_parts_alone_is_refused():
-    assert sw.params_for_fraction("recycled", 0.125, 8000)["k"] < 0.125 * 8000
-    assert sw.params_for_fraction("landmark", 0.125, 8000)["k_blocks"] < 0.125 * 8000 / 16
-    with pytest.raises(ValueError, match="full steps"):
-        sw.params_for_fraction("recycled", 0.05, 8000, base={"stride": 16})
-    with pytest.raises(ValueError, match="dense layers"):
-        sw.params_for_fraction("landmark", 0.05, 8000, base={"dense_layers": 2})
+def test_landmark_counts_only_its_own_dense_layers_on_a_windowed_model():
+    """Gemma 3's first layers have a sliding window (vLLM's): landmark's 2 dense layers change nothing
+    there, so a 1/8 budget leaves the global layers their whole 1/8 (on SmolLM2 the 2 of 30 dense layers
+    take 1/15 of it)."""
+    gemma, _ = sw.Config("landmark", 0.125).resolved(8000, GEMMA)
+    smol, _ = sw.Config("landmark", 0.125).resolved(8000, SMOL)
+    assert gemma["k_blocks"] == int(0.125 * 8000 // 16) - 2
+    assert smol["k_blocks"] < gemma["k_blocks"]
 
 
 def sweep_result() -> dict:
@@ -132,7 +157,7 @@ def test_recommend_cheapest_meeting_floor():
     out = rec.recommend(sweep_result(), 0.95, 4000)
     assert out["measured_length"] == 4096
     assert out["choice"]["config"] == "landmark@0.125"
-    assert out["attention"] == {"strategy": "landmark", "params": {"k_blocks": 0.125}}
+    assert out["attention"] == {"strategy": "landmark", "params": {}, "budget": 0.125}
     assert rec.recommend(sweep_result(), 0.98, 4000)["choice"]["config"] == "recycled@0.25"
     assert rec.recommend(sweep_result(), 0.999, 4000)["choice"]["config"] == "full"
     assert rec.recommend(sweep_result(), 0.4, 1000)["choice"]["config"] == "sink@128"

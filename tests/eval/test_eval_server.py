@@ -46,7 +46,7 @@ def test_sweep_writes_results(sweep_dir: Path):
         assert full["attended_fraction"] == 1.0
         # the server really ran the sink: it reports attending less than everything
         assert 0 < sink["attended_fraction"] < 1
-        assert sink["params"] == {"window": SINK_BUDGET - 4}
+        assert sink["params"]["window"] == SINK_BUDGET - 4 and sink["budget"] == SINK_BUDGET
         assert sink["nominal_fraction"] == pytest.approx(SINK_BUDGET / length)
         assert set(full["task_scores"]) == {"passkey", "niah_single"} and full["n_task_samples"] == 4
         assert 0.0 <= sink["agreement"] <= 1.0 and 0.0 <= sink["prefix"] <= sink["agreement"]
@@ -55,6 +55,9 @@ def test_sweep_writes_results(sweep_dir: Path):
         # teacher-forced continuation, scored on decode steps
         assert full["decode_ppl_ratio"] == 1.0 and math.isfinite(full["decode_ppl"])
         assert sink["decode_ppl_ratio"] > 0 and math.isfinite(sink["decode_ppl_ratio"])
+        # teacher-forced fidelity: full against itself is exact; the sink's top-1 share is a share
+        assert full["forced_top1"] == 1.0 and full["forced_kl"] == pytest.approx(0.0, abs=1e-9)
+        assert 0.0 <= sink["forced_top1"] <= 1.0 and sink["forced_kl"] >= 0
         assert full["tpot_ms"] > 0 and sink["tpot_ms"] > 0
     # a 135M model finds a pass key in 256 tokens with full attention
     assert rows[("full", 256)]["task_scores"]["passkey"] > 0

@@ -140,8 +140,8 @@ BAD_INPUTS = [
              ("number",)),
     BadInput("n-zero", COMPLETIONS, completion(n=0), "n"),
     BadInput("messages-wrong-type", CHAT, chat(messages="hi"), "messages"),
-    BadInput("malformed-json", COMPLETIONS, '{"prompt": "Hello", ', None, ("JSON",)),
-    BadInput("body-not-an-object", CHAT, "[1, 2, 3]", None, ("object",)),
+    BadInput("malformed-json", COMPLETIONS, '{"prompt": "Hello", ', "body", ("JSON",)),
+    BadInput("body-not-an-object", CHAT, "[1, 2, 3]", "body", ("object",)),
     BadInput("unknown-model", COMPLETIONS, completion(model="no-such-model"), "model",
              ("no-such-model",), status=404),
 ]

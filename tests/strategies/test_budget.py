@@ -90,3 +90,34 @@ def test_the_decode_share_meets_the_budget(name, budget, gates_dir):
     wanted = budget if isinstance(budget, float) else budget / CONTEXT
     assert share <= wanted + 1 / 64, (name, budget, share)
     assert share >= wanted - 1 / 16, (name, budget, share)     # block granularity and the context's growth
+    # the share the eval and recommend report (counted from the params) is what the kernels attended
+    nominal = registry.get(name).decode_share(choice.for_context(CONTEXT, MODEL).params, CONTEXT, MODEL)
+    assert share == pytest.approx(nominal, abs=1 / 64), (name, budget, share, nominal)
+
+
+# Gemma 3 270M's shapes: 18 layers, 5 of 6 with a 512-token window; seer's gates are shipped for it at 64 and
+# at 32 tokens per block.
+GEMMA = ModelFacts(18, 4, 1, 256, 128, 32768, torch.float32, "gemma-3-270m",
+                   window_layers=tuple(i for i in range(18) if i % 6 != 5), sliding_window=512)
+
+
+@pytest.mark.parametrize("context,block,top_k", [(2048, 32, 7), (3000, 32, 10), (4096, 64, 7), (8000, 64, 14)])
+def test_seer_takes_finer_blocks_where_a_budget_leaves_few(context, block, top_k, monkeypatch, tmp_path):
+    """At 1/8 of 2k tokens, 4 blocks of 64 (one the newest) lose pass keys that 8 blocks of 32 keep
+    (docs/seer.md): below 8 blocks of 64 the budget takes the model's 32-token gates, and those fit it."""
+    monkeypatch.setenv("ATTNSERVE_CACHE", str(tmp_path))       # only the shipped gates
+    seer = registry.get("seer")
+    params = parse_attention({"strategy": "seer", "budget": 0.125}).for_context(context, GEMMA).params
+    assert (params.block_size, params.top_k) == (block, top_k)
+    seer.validate_for_model(params, GEMMA)                      # the gates at that block exist and fit
+    assert seer.decode_share(params, context, GEMMA) <= 0.125 + 1 / 64
+
+
+def test_seer_keeps_its_block_without_gates_at_32_or_with_named_gates(monkeypatch, tmp_path):
+    monkeypatch.setenv("ATTNSERVE_CACHE", str(tmp_path))
+    smol = parse_attention({"strategy": "seer", "budget": 0.125}).for_context(2048, MODEL).params
+    assert smol.block_size == 64                                # no 32-token gates shipped for SmolLM2
+    named = parse_attention({"strategy": "seer", "budget": 0.125, "params": {"gates": "identity"}})
+    assert named.for_context(2048, GEMMA).params.block_size == 64
+    explicit = parse_attention({"strategy": "seer", "params": {"top_k": 3}})       # no budget: as given
+    assert explicit.for_context(2048, GEMMA).params.block_size == 64

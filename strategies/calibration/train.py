@@ -39,7 +39,7 @@ from torch import Tensor
 
 from strategies.base import ModelFacts
 from strategies.seer import SeerGates, model_name
-from strategies.seer_calibration_cli import CalibrationConfig
+from strategies.calibration.config import CalibrationConfig
 
 BLOCK_SIZE = 64
 EVAL_EVERY = 8                       # one document in 8 (by content hash) is held out for evaluation
@@ -627,7 +627,7 @@ def calibrate(model_dir: str | Path, out: str | Path, cfg: CalibrationConfig, re
     provenance = {"config": asdict(cfg), "heldout_before": before, "heldout_after": after,
                   "date": time.strftime("%Y-%m-%d", time.gmtime()),
                   "command": "attnserve calibrate-seer " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["calibrate-seer"]
-                  else "strategies.seer_calibration.calibrate"}
+                  else "strategies.calibration.train.calibrate"}
     save_gates(gates, out, provenance)
     _checkpoint_path(out).unlink(missing_ok=True)
     summary = {"out": str(out), "heldout_before": before, "heldout_after": after,

@@ -1,33 +1,15 @@
 """Command-line glue of the SeerAttention gate calibration (``attnserve calibrate-seer``, ``seer-report``,
-``calibration-text``; registered in server/cli.py). Light: torch is imported only when a command runs."""
+``calibration-text``; registered in server/cli.py). Light: torch is imported only when a command runs
+(``strategies.calibration.train``)."""
 
 from __future__ import annotations
 
 import json
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-
-@dataclass
-class CalibrationConfig:
-    """Options of one calibration (recorded in the gate file's metadata)."""
-    seed: int = 0
-    steps: int = 200
-    seq_len: int = 8192
-    windows: int = 3
-    lr: float = 3e-2
-    batch: int = 3
-    rows_per_window: int = 256
-    rows_spacing: str = "log"         # decode rows: log (T/16..T, every prompt length alike) | uniform (last 3/4)
-    prefill_blocks: int = 4
-    block_size: int = 64
-    gate_dim: int = 64
-    rope_theta: float = 0.0
-    init: str = "identity"            # identity | random
-    param: str = "rotary"             # rotary (commutes with RoPE: relative positions only) | free
-    dtype: str = "float32"
+from strategies.calibration.config import CalibrationConfig
 
 
 # -- command line (registered in server/cli.py) ----------------------------------------------------
@@ -68,7 +50,7 @@ def add_calibrate_arguments(parser) -> None:
 
 def run_calibrate(args) -> int:
     from strategies.base import ModelFacts
-    from strategies.seer_calibration import calibrate, default_gates_path
+    from strategies.calibration.train import calibrate, default_gates_path
     model = _model_dir(args.model)
     gate_dim = args.gate_dim or ModelFacts.from_model_dir(model).head_size
     out = Path(args.out).expanduser() if args.out else default_gates_path(model)
@@ -95,7 +77,7 @@ def add_report_arguments(parser) -> None:
 
 
 def run_report(args) -> int:
-    from strategies.seer_calibration import default_gates_path, seer_report
+    from strategies.calibration.train import default_gates_path, seer_report
     model = _model_dir(args.model)
     gates = (args.gates if args.gates == "identity" else
              Path(args.gates).expanduser() if args.gates else default_gates_path(model))
@@ -116,7 +98,7 @@ def add_text_arguments(parser) -> None:
 
 
 def run_text(args) -> int:
-    from strategies.seer_calibration import write_calibration_text
+    from strategies.calibration.train import write_calibration_text
     train_path, eval_path, info = write_calibration_text(args.out)
     print(json.dumps(info, indent=1))
     return 0
