@@ -105,7 +105,8 @@ def test_recommend_reads_the_sweep(sweep_dir: Path):
     rec = json.loads(proc.stdout)
     assert rec["measured_length"] == 512
     assert rec["choice"]["config"] == f"sink@{SINK_BUDGET}"  # the cheaper one meets a floor of 0
-    assert rec["attention"] == {"strategy": "sink", "params": {"window": SINK_BUDGET - 4}}
+    assert rec["attention"] == {"strategy": "sink", "params": {}, "budget": SINK_BUDGET}
+    assert rec["nominal_fraction_at_prompt_len"] == pytest.approx(SINK_BUDGET / 500)   # what it attends at 500
     proc = attnserve("recommend", "--results", str(sweep_dir / "sweep.json"), "--min-fidelity", "1.0",
                      "--prompt-len", "256")
     assert proc.returncode == 0, proc.stderr
