@@ -219,9 +219,9 @@ def main() -> int:
 
     facts = ModelFacts.from_model_dir(model_dir)
     if args.strategies is None:
-        from strategies.registry import names
+        from strategies.registry import names as registered
 
-        args.strategies = [FULL] + [n for n in names() if n != FULL]
+        args.strategies = [FULL] + [n for n in registered() if n != FULL]
 
     def config_for(name: str, length: int) -> Config:
         strategy, extra = variants.get(name, (name, {}))
