@@ -74,7 +74,7 @@ async def measure(base_url: str, model: str | None, configs: list[Config], lengt
             index = 0
             for length in lengths:
                 for config in configs:
-                    attention = config.attention(length)
+                    attention = config.attention()
                     bursts = []
                     for rep in range(args.repeats + (1 if args.warmup else 0)):
                         prompts = []

@@ -85,7 +85,7 @@ class Config:
     def extra_dict(self) -> dict:
         return dict(self.extra)
 
-    def attention(self, length: int | None = None) -> dict:
+    def attention(self) -> dict:
         """The request's `attention` object: the budget as `attention.budget` (the server maps it onto the
         strategy's own params at the prompt's length), the fixed params beside it."""
         attention = {"strategy": self.strategy, "params": self.extra_dict}
@@ -142,7 +142,7 @@ class Job:
 
 
 async def run_job(client: Client, job: Job) -> Job:
-    attention = job.config.attention(job.length)
+    attention = job.config.attention()
     if job.kind == "task":
         job.result = await client.complete(job.sample.prompt_ids, job.sample.max_tokens, attention)
     elif job.kind == "text":
@@ -246,8 +246,13 @@ def score_cell(scores: list[float]) -> dict:
     return {"mean": mean(scores), "ci": None if ci is None else [100 * ci[0], 100 * ci[1]], "n": len(scores)}
 
 
+def finite(values: list[float | None]) -> list[float]:
+    """The values that are numbers (no None, no NaN)."""
+    return [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+
+
 def mean(values: list[float]) -> float | None:
-    values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    values = finite(values)
     return sum(values) / len(values) if values else None
 
 
@@ -295,11 +300,9 @@ def aggregate(records: list[dict], configs: list[Config], lengths: list[int], mo
                 "kl": mean([r.get("kl") for r in text]),
                 "decode_ppl_ratio": mean([r.get("decode_ppl_ratio") for r in forced]),
                 "forced_top1": mean([r.get("forced_top1") for r in forced]),
-                "forced_top1_min": min((r["forced_top1"] for r in forced if r.get("forced_top1") is not None
-                                        and not math.isnan(r["forced_top1"])), default=None),
+                "forced_top1_min": min(finite([r.get("forced_top1") for r in forced]), default=None),
                 "forced_kl": mean([r.get("forced_kl") for r in forced]),
-                "forced_kl_max": max((r["forced_kl"] for r in forced if r.get("forced_kl") is not None
-                                      and not math.isnan(r["forced_kl"])), default=None),
+                "forced_kl_max": max(finite([r.get("forced_kl") for r in forced]), default=None),
                 "decode_ppl": None if decode_nll is None else math.exp(decode_nll),
                 "prompt_ppl_ratio": mean([r.get("prompt_ppl_ratio") for r in ppl]),
                 "n_text_samples": len(text),

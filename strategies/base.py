@@ -269,7 +269,7 @@ class ModelFacts:
     @property
     def model_routed_layers(self) -> int:
         """Layers of the whole model without a window (those a request's strategy attends on)."""
-        return self.num_layers - sum(1 for layer in self.window_layers if layer < self.num_layers)
+        return self.routed_layers_below(self.num_layers)
 
     def routed_layers_below(self, end: int) -> int:
         """Layers without a window among the model's first ``end``."""

@@ -88,7 +88,7 @@ class LandmarkStrategy(Strategy):
     @classmethod
     def check_budget(cls, params: Params, budget, model: ModelFacts) -> None:
         dense, layers = cls.dense_and_routed(params, model)
-        if isinstance(budget, float) and dense and budget * layers <= dense:
+        if isinstance(budget, float) and budget * layers <= dense:
             raise ParamError("budget", f"landmark's {dense} dense layers of {layers} alone attend "
                                        f"{dense / layers:.4g} of the context; allowed: a larger budget "
                                        f"or fewer dense_layers")

@@ -251,29 +251,24 @@ def resolve_gates(gates: Optional[str], model: ModelFacts, block_size: int = PAP
     gates at ``block_size``."""
     if gates == IDENTITY:
         return None
-    if gates is None:
-        name = default_gate_name(block_size)
+    if gates is None or is_gate_name(gates):
+        name = default_gate_name(block_size) if gates is None else gates
         calibrated = gates_dir() / model_name(model.model_id) / f"{name}.safetensors"
         shipped = SHIPPED_GATES_DIR / model_name(model.model_id) / f"{name}.safetensors"
-        return shipped if not calibrated.exists() and shipped.exists() else calibrated
-    if is_gate_name(gates):
-        calibrated = gates_dir() / model_name(model.model_id) / f"{gates}.safetensors"
-        shipped = SHIPPED_GATES_DIR / model_name(model.model_id) / f"{gates}.safetensors"
         return shipped if not calibrated.exists() and shipped.exists() else calibrated
     check_gates_param(gates)            # a bad name or a path outside the allowed directories: ParamError
     return allowed_gate_path(gates)
 
 
 @functools.lru_cache(maxsize=64)
-def _default_gates_exist(model_id: str, block_size: int, gates_root: str) -> bool:
-    name = f"{default_gate_name(block_size)}.safetensors"
-    return any((root / model_name(model_id) / name).is_file() for root in (Path(gates_root), SHIPPED_GATES_DIR))
+def _default_gates_exist(model: ModelFacts, block_size: int, gates_root: str) -> bool:
+    return resolve_gates(None, model, block_size).is_file()     # gates_root: the cache key of gates_dir()
 
 
 def has_default_gates(model: ModelFacts, block_size: int) -> bool:
     """Whether the model has default gates at ``block_size`` (calibrated or shipped; cached: the budget
     mapping runs per request and step)."""
-    return _default_gates_exist(model.model_id, block_size, str(gates_dir()))
+    return _default_gates_exist(model, block_size, str(gates_dir()))
 
 
 def rope(x: Tensor, positions: Tensor, theta: float) -> Tensor:
