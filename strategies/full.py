@@ -22,26 +22,27 @@ class Params(StrategyParams):
 
 
 @dataclass
-class DensePlan:
+class IndexedPlan:
+    """Decode rows attend the KV tokens ``token_idx[b, h, :num_idx[b, h]]``; prefill rows are dense."""
     decode: Optional[RowGroup]
     prefill: Optional[RowGroup]
-    token_idx: Optional[Tensor]      # int32 [B_decode, Hkv, max_len]: all tokens
+    token_idx: Optional[Tensor]      # int32 [B_decode, Hkv, K] (full: every token)
     num_idx: Optional[Tensor]        # int32 [B_decode, Hkv]
     count: StepCount
 
 
-def plan_dense(strategy: Strategy, rows: StepRows) -> DensePlan:
+def plan_dense(strategy: Strategy, rows: StepRows) -> IndexedPlan:
     decode, prefill = split_rows(rows)
     idx = num = None
     if decode is not None:
         idx, num = dense_indices(decode.seq_lens_cpu, strategy.model.num_kv_heads, rows.device)
     count = strategy.new_count(rows)
     count.attended += count.attended.new_tensor(count.total) * strategy.model.routed_layers
-    return DensePlan(decode, prefill, idx, num, count)
+    return IndexedPlan(decode, prefill, idx, num, count)
 
 
-def run_dense_decode(strategy: Strategy, group: RowGroup, query: Tensor, key_cache: Tensor,
-                     value_cache: Tensor, token_idx: Tensor, num_idx: Tensor, out: Tensor) -> None:
+def run_indexed_decode(strategy: Strategy, group: RowGroup, query: Tensor, key_cache: Tensor,
+                       value_cache: Tensor, token_idx: Tensor, num_idx: Tensor, out: Tensor) -> None:
     from strategies import ops
     o, _ = ops.sparse_paged_attention(group.gather(query), key_cache, value_cache, group.block_table,
                                       token_idx, num_idx, strategy.scale, False)
@@ -58,6 +59,15 @@ def run_prefill(strategy: Strategy, group: RowGroup, query: Tensor, key_cache: T
     group.scatter(out, o)
 
 
+def run_indexed(strategy: Strategy, query: Tensor, key_cache: Tensor, value_cache: Tensor, plan: IndexedPlan,
+                out: Tensor) -> None:
+    """One layer of an IndexedPlan: the decode rows over their token indices, the prefill rows densely."""
+    if plan.decode is not None:
+        run_indexed_decode(strategy, plan.decode, query, key_cache, value_cache, plan.token_idx, plan.num_idx, out)
+    if plan.prefill is not None:
+        run_prefill(strategy, plan.prefill, query, key_cache, value_cache, out)
+
+
 @register
 class FullStrategy(Strategy):
     name = "full"
@@ -69,12 +79,9 @@ class FullStrategy(Strategy):
     def decode_share(cls, params, context_len, model) -> float:
         return 1.0
 
-    def plan(self, rows: StepRows) -> DensePlan:
+    def plan(self, rows: StepRows) -> IndexedPlan:
         return plan_dense(self, rows)
 
-    def run(self, layer: int, query: Tensor, key_cache: Tensor, value_cache: Tensor, plan: DensePlan,
+    def run(self, layer: int, query: Tensor, key_cache: Tensor, value_cache: Tensor, plan: IndexedPlan,
             out: Tensor) -> None:
-        if plan.decode is not None:
-            run_dense_decode(self, plan.decode, query, key_cache, value_cache, plan.token_idx, plan.num_idx, out)
-        if plan.prefill is not None:
-            run_prefill(self, plan.prefill, query, key_cache, value_cache, out)
+        run_indexed(self, query, key_cache, value_cache, plan, out)

@@ -2,6 +2,11 @@
 
 The server knows strategies only through this module: ``parse_attention`` validates a request,
 ``AttentionChoice.to_extra_args`` carries the choice to the workers, ``describe_all`` lists them.
+
+Strategies come from this package (``_BUILTIN_MODULES``) and from any installed distribution that declares
+an entry point in the group ``attnserve.strategies`` (``name = "module:Class"`` or ``name = "module"``):
+they are loaded in every process that asks the registry (API, scheduler, workers) and served like the
+built-in ones. A plugin that fails to load is logged and left out; it cannot take a built-in's name.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ logger = logging.getLogger(__name__)
 FULL = "full"     # vLLM's own dense attention: the control, and what every request runs by default
 DEFAULT_STRATEGY = FULL
 _BUILTIN_MODULES = ("full", "sink", "recycled", "landmark", "seer")
+ENTRY_POINT_GROUP = "attnserve.strategies"
 _STRATEGIES: dict[str, type[Strategy]] = {}
 _loaded = False
 
@@ -42,6 +48,29 @@ def _ensure_loaded() -> None:
         _loaded = True
         for module in _BUILTIN_MODULES:
             importlib.import_module(f"strategies.{module}")
+        load_entry_points()
+
+
+def load_entry_points() -> list[str]:
+    """Import the ``attnserve.strategies`` entry points; returns the names they added. An entry point that
+    names a Strategy class is registered; one that names a module registers its classes by importing it."""
+    from importlib.metadata import entry_points
+
+    added = []
+    for point in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda p: p.name):
+        before = set(_STRATEGIES)
+        try:
+            loaded = point.load()
+            if isinstance(loaded, type):
+                if not issubclass(loaded, Strategy):
+                    raise TypeError(f"{point.value} is not a subclass of strategies.base.Strategy")
+                register(loaded)
+        except Exception as error:      # a broken plugin must not take the server down
+            logger.error("attnserve: strategy entry point %r (%s) not loaded: %s: %s",
+                         point.name, point.value, type(error).__name__, error)
+            continue
+        added.extend(n for n in _STRATEGIES if n not in before)
+    return added
 
 
 def names() -> list[str]:
