@@ -221,7 +221,7 @@ def main() -> int:
     if args.strategies is None:
         from strategies.registry import names as registered
 
-        args.strategies = [FULL] + [n for n in registered() if n != FULL]
+        args.strategies = registered()
 
     def config_for(name: str, length: int) -> Config:
         strategy, extra = variants.get(name, (name, {}))

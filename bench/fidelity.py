@@ -17,7 +17,7 @@ the top-k logprobs of every step (k = 20, vLLM's default `max_logprobs`):
   its remaining mass / (missing + 1)), which makes it an estimate.
 - `decode_ppl_ratio`: perplexity of the text's true continuation (the next 64 tokens of the
   corpus after the prompt) under the strategy over that under full, teacher-forced: the request
-  forces its output to be those tokens (`vllm_xargs.attnserve_force_tokens`, strategies/forcing.py)
+  forces its output to be those tokens (`vllm_xargs.attnserve_force_tokens`, strategies/engine/forcing.py)
   and returns the model's raw logprob of each, so every scored token comes from a *decode* step
   under the strategy's attention. The first output token is sampled from the prefill's forward
   pass (dense for recycled and landmark), so it is left out: the perplexity is over tokens 2..64

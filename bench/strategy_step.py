@@ -132,7 +132,7 @@ def main() -> None:
         key, value = item.split("=", 1)
         strat, pname = key.split(".", 1)
         overrides.setdefault(strat, {})[pname] = json.loads(value)
-    args.strategies = args.strategies or [FULL] + [n for n in names() if n != FULL]
+    args.strategies = args.strategies or names()
     params_of = {name: strategy_params(name, args.budget, args.context, overrides.get(name, {}))
                  for name in args.strategies}
     default_grain = ops.set_parallel_grain(-1)

@@ -28,7 +28,7 @@ import platform
 import statistics
 import sys
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -76,10 +76,17 @@ class Config:
     strategy: str
     budget: int | float | None
     extra: tuple[tuple[str, Any], ...] = ()
+    replica: int = 0        # 1: a second run of the same configuration (the floor of two runs of `full`)
 
     @property
     def label(self) -> str:
-        return self.strategy if self.budget is None else f"{self.strategy}@{format_budget(self.budget)}"
+        label = self.strategy if self.budget is None else f"{self.strategy}@{format_budget(self.budget)}"
+        return f"{label}#{self.replica + 1}" if self.replica else label
+
+    @property
+    def is_control(self) -> bool:
+        """The run of `full` every other configuration is compared with."""
+        return self.strategy == FULL and not self.replica
 
     @property
     def extra_dict(self) -> dict:
@@ -100,10 +107,13 @@ class Config:
         return choice.params.to_dict(), get(self.strategy).decode_share(choice.params, length, model)
 
 
-def build_configs(strategies: list[str], budgets: list[int | float], extra: dict[str, dict]) -> list[Config]:
-    """The control first (with its fixed params, if any), then each strategy at each budget (strategies
-    that take no budget once)."""
-    configs = [Config(FULL, None, tuple(sorted(extra.get(FULL, {}).items())))]
+def build_configs(strategies: list[str], budgets: list[int | float], extra: dict[str, dict],
+                  floor: bool = False) -> list[Config]:
+    """The control first (with its fixed params, if any), with ``floor`` a second run of it (``full#2``:
+    its fidelity to the first is what two runs of the same dense attention in different batches agree
+    on), then each strategy at each budget (strategies that take no budget once)."""
+    control = Config(FULL, None, tuple(sorted(extra.get(FULL, {}).items())))
+    configs = [control] + ([replace(control, replica=1)] if floor else [])
     for name in strategies:
         if name == FULL:
             continue
@@ -201,11 +211,11 @@ def text_metrics(jobs: list[Job]) -> None:
     """Fill `extra` of text/ppl/forced jobs with their fidelity to the full job of the same prompt
     (agreement/prefix/KL; prompt ppl ratio; decode ppl ratio of the teacher-forced continuation)."""
     full_text = {(j.length, j.sample.sample_id): j for j in jobs
-                 if j.kind == "text" and j.config.strategy == FULL and j.result and j.result.ok}
+                 if j.kind == "text" and j.config.is_control and j.result and j.result.ok}
     full_ppl = {(j.length, j.sample.sample_id): j for j in jobs
-                if j.kind == "ppl" and j.config.strategy == FULL and j.result and j.result.ok}
+                if j.kind == "ppl" and j.config.is_control and j.result and j.result.ok}
     full_forced = {(j.length, j.sample.sample_id): j for j in jobs
-                   if j.kind == "forced" and j.config.strategy == FULL and j.result and j.result.ok}
+                   if j.kind == "forced" and j.config.is_control and j.result and j.result.ok}
     for job in jobs:
         if not (job.result and job.result.ok):
             continue
@@ -322,7 +332,7 @@ def mark_against_full(rows: list[dict]) -> None:
     """Per row and task: `full`'s score at the same length, and the row's score over it where `full`
     passes (>= FULL_PASSES), else None with the task listed in `full_fails` (the cell measures the
     task's difficulty for the model, not the strategy's loss)."""
-    full = {r["length"]: r for r in rows if r["strategy"] == FULL}
+    full = {r["length"]: r for r in rows if r["config"] == FULL}
     for r in rows:
         reference = full.get(r["length"])
         r["vs_full"], r["full_fails"] = {}, []
@@ -358,6 +368,8 @@ def command_line(args: argparse.Namespace) -> str:
         parts.append("--no-greedy-text")
     if args.ppl_all:
         parts.append("--ppl-all")
+    if args.floor:
+        parts.append("--floor")
     return " ".join(shlex.quote(p) for p in parts)
 
 
@@ -438,7 +450,7 @@ def run_sweep(args: argparse.Namespace, base_url: str) -> dict:
     for name, why in skipped.items():
         print(f"skipping {name}: {why}", file=sys.stderr)
     budgets = [parse_budget(b) for b in parse_list(args.budgets)] if args.budgets else []
-    configs = build_configs(strategies, budgets, parse_strategy_params(args.strategy_params))
+    configs = build_configs(strategies, budgets, parse_strategy_params(args.strategy_params), args.floor)
     task_names = parse_list(args.tasks) if args.tasks else []
     depths = parse_list(args.depths, float)
 
@@ -621,9 +633,9 @@ def write_plots(result: dict, out: Path) -> list[str]:
             for r in rows:
                 if r["length"] != length or r["score"] is None:
                     continue
-                if r["strategy"] == FULL:
+                if r["config"] == FULL:
                     full_score = r["score"]
-                else:
+                elif not r["config"].startswith(f"{FULL}#"):
                     series[r["strategy"]].append((r["nominal_fraction"], r["score"]))
             plot_lines(ax, series)
             if full_score is not None:
@@ -646,7 +658,7 @@ def write_plots(result: dict, out: Path) -> list[str]:
         agree: dict[str, list] = defaultdict(list)
         kl: dict[str, list] = defaultdict(list)
         for r in rows:
-            if r["strategy"] == FULL:
+            if r["config"] == FULL:
                 continue
             agree[r["config"]].append((r["length"], r["agreement"]))
             kl[r["config"]].append((r["length"], r["kl"]))
@@ -735,6 +747,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "prefix, KL): the teacher-forced ones measure fidelity without early divergence")
     parser.add_argument("--no-decode-ppl", dest="decode_ppl", action="store_false",
                         help="skip the teacher-forced continuation requests (decode ppl ratio)")
+    parser.add_argument("--floor", action="store_true",
+                        help="run full twice (full#2): its fidelity to the first run is the floor that two runs of "
+                             "the same dense attention reach in different batches (vLLM's CPU path is not "
+                             "batch-invariant)")
     parser.add_argument("--ppl-all", action="store_true",
                         help="measure the prompt perplexity of dense-prefill strategies too (ratio 1 by "
                              "construction; a check)")

@@ -109,9 +109,9 @@ async def init_state(app: FastAPI, engine_client, args: argparse.Namespace, sett
 
 @contextlib.contextmanager
 def worker_stats_dir() -> Iterator[str]:
-    """The folder where workers leave per-request attention stats (strategies.stats); the engine's
+    """The folder where workers leave per-request attention stats (strategies.engine.stats); the engine's
     processes inherit it through the environment, so it is set before the engine starts."""
-    from strategies import stats
+    from strategies.engine import stats
 
     existing = os.environ.get(stats.ENV_DIR)
     if existing:

@@ -127,7 +127,7 @@ def read_attended_fractions(engine_ids: list[str], strategy: str) -> tuple[float
     """(attended / total (query, key) pairs of all steps, the same of the decode steps alone) over the
     request's engine requests (the ids given to `AsyncLLM.generate`), from the workers' stats; None
     while unknown (1.0 for `full`)."""
-    from strategies import stats
+    from strategies.engine import stats
     from strategies.base import AttentionUsage
     from strategies.full import FullStrategy
 

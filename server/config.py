@@ -66,7 +66,7 @@ class ServeSettings:
             "--pipeline-parallel-size", str(self.pipeline_parallel_size),
             "--uvicorn-log-level", self.log_level,
             # Our routing attention backend runs eagerly (host-side routing per step and layer; on CUDA
-            # its builder reports no CUDA-graph support, strategies/backend_cuda.py).
+            # its builder reports no CUDA-graph support, strategies/engine/backend_cuda.py).
             "--enforce-eager",
         ]
         if self.max_model_len is not None:
@@ -145,11 +145,11 @@ def cpu_dtype_argv(model: str, engine_args: tuple[tuple[str, str], ...],
 
 def logits_processors_argv(engine_args: tuple[tuple[str, str], ...]) -> list[str]:
     """vLLM's `--logits-processors`: attnserve's teacher-forcing processor
-    (strategies/forcing.py, `vllm_xargs.attnserve_force_tokens`) plus any given with
+    (strategies/engine/forcing.py, `vllm_xargs.attnserve_force_tokens`) plus any given with
     `--engine-arg logits-processors=A,B` (vLLM keeps only the last `--logits-processors`). Left out
     with speculative decoding, where vLLM refuses custom logits processors: forcing is then
     unavailable and such requests get a 400."""
-    from strategies.forcing import PROCESSOR_FQCN
+    from strategies.engine.forcing import PROCESSOR_FQCN
 
     given = [name for key, value in engine_args if key == "logits-processors"
              for name in value.replace(",", " ").split()]
@@ -160,7 +160,7 @@ def logits_processors_argv(engine_args: tuple[tuple[str, str], ...]) -> list[str
 
 def forcing_enabled(logits_processors: list | tuple | None) -> bool:
     """Whether the engine was started with the teacher-forcing processor."""
-    from strategies.forcing import PROCESSOR_FQCN, ForcedTokensLogitsProcessor
+    from strategies.engine.forcing import PROCESSOR_FQCN, ForcedTokensLogitsProcessor
 
     return any(p == PROCESSOR_FQCN or p is ForcedTokensLogitsProcessor
                for p in (logits_processors or ()))

@@ -1,5 +1,5 @@
 """`vllm_xargs.attnserve_force_tokens`: the token ids a request's output must be (teacher forcing,
-strategies/forcing.py), validated here before anything reaches the engine (docs/evaluation.md,
+strategies/engine/forcing.py), validated here before anything reaches the engine (docs/evaluation.md,
 "Teacher-forced decode perplexity")."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from strategies.base import ParamError
-from strategies.forcing import FORCE_TOKENS_KEY, parse_force_tokens
+from strategies.engine.forcing import FORCE_TOKENS_KEY, parse_force_tokens
 
 FORCE_TOKENS_PARAM = f"vllm_xargs.{FORCE_TOKENS_KEY}"
 

@@ -73,7 +73,7 @@ def engine_request_ids(prefix: str, request: Any, raw_request: Request) -> list[
     """The ids vLLM's serving classes give `AsyncLLM.generate` for this request
     (`OpenAIServing._base_request_id`): chat `chatcmpl-<id>`; completions `cmpl-<id>-<i>` for each
     prompt i. The workers see each with `-<8 random chars>` appended, and `<n>_` in front for the
-    children of an n > 1 request (strategies.stats matches those)."""
+    children of an n > 1 request (strategies.engine.stats matches those)."""
     base = raw_request.headers.get("X-Request-Id") or request.request_id
     if prefix == "chatcmpl":
         return [f"chatcmpl-{base}"]

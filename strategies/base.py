@@ -345,7 +345,7 @@ def attention_facts_from_config(cfg: dict) -> tuple[Optional[float], tuple[int, 
     """(softmax scale or None for head_size ** -0.5, sliding-window layer indices, window or -1) from a
     Hugging Face config: Gemma's ``query_pre_attn_scalar``; ``layer_types`` (or Gemma's sliding-window
     pattern, or a window on every layer) for the windowed layers. In a worker vLLM's layers say it
-    (``strategies.backend.attention_layer_facts``)."""
+    (``strategies.engine.backend.attention_layer_facts``)."""
     scalar = cfg.get("query_pre_attn_scalar")
     scale = None if scalar is None else float(scalar) ** -0.5
     window = cfg.get("sliding_window") or -1
@@ -606,7 +606,7 @@ class Strategy:
     def kept_kv(cls, params: StrategyParams) -> Optional[tuple[int, int]]:
         """``(n_first, window)`` when a decode step reads only the first ``n_first`` tokens and the newest
         ``window`` ones, so the scheduler gives the blocks between them back to vLLM's pool (``releases_kv``;
-        strategies/kv_release.py); None (the default) when any token may be read again."""
+        strategies/engine/kv_release.py); None (the default) when any token may be read again."""
         return None
 
     @classmethod

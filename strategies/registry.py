@@ -74,7 +74,8 @@ def load_entry_points() -> list[str]:
 
 
 def names() -> list[str]:
-    """Registered strategy names: the built-in ones in their fixed order, then others as registered."""
+    """Registered strategy names: the built-in ones in their fixed order (``full`` first), then the others
+    (entry points, by name)."""
     _ensure_loaded()
     builtin = [n for n in _BUILTIN_MODULES if n in _STRATEGIES]
     return builtin + [n for n in _STRATEGIES if n not in builtin]

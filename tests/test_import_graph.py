@@ -1,6 +1,7 @@
 """Imports run one way: server -> strategies -> ops. The evaluation and benchmarks (bench/) and the load
 tests (loadtests/) are clients: the server finds their commands through entry points and imports none of
-them; strategies import neither the server nor the clients; no two modules import each other."""
+them; strategies import neither the server nor the clients; no two modules import each other; the policies
+import neither their vLLM glue (strategies/engine) nor the calibration."""
 
 from __future__ import annotations
 
@@ -85,3 +86,12 @@ def test_the_client_commands_are_entry_points():
                 "eval": ["--start-server"]}
     for command in ("eval", "bench", "recommend"):
         assert parser.parse_args([command, *required.get(command, [])]).command == command
+
+
+def test_the_policies_do_not_reach_into_vllm_glue_or_calibration(graph):
+    """strategies/engine (the vLLM plugin, backends, KV release) and strategies/calibration use the
+    policies; the policies, their registry and the ops use neither."""
+    sub_packages = ("strategies.engine", "strategies.calibration")
+    wrong = sorted((m, d) for m, deps in graph.items() for d in deps
+                   if m.startswith("strategies") and not m.startswith(sub_packages) and d.startswith(sub_packages))
+    assert not wrong, wrong

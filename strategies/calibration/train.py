@@ -183,7 +183,7 @@ def tokenize_prefix(tokenizer, text: str, max_tokens: int) -> Tensor:
 
 def gated_layers(facts: ModelFacts) -> list[int]:
     """The layers where ``seer`` runs: all but the sliding-window ones (vLLM's own kernel attends those
-    for every request, strategies.backend), so only these are calibrated."""
+    for every request, strategies.engine.backend), so only these are calibrated."""
     return [i for i in range(facts.num_layers) if not facts.is_window_layer(i)]
 
 

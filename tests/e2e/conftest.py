@@ -47,7 +47,7 @@ class Engine:
         return pool.num_gpu_blocks - 1 - pool.get_num_free_blocks()
 
     def router(self):
-        from strategies.backend import ROUTER
+        from strategies.engine.backend import ROUTER
 
         return ROUTER
 

@@ -31,7 +31,7 @@ def amx_engine():
     from vllm.v1.attention.backends import cpu_attn
 
     records = _Records()
-    backend_logger = logging.getLogger("strategies.backend")
+    backend_logger = logging.getLogger("strategies.engine.backend")
     backend_logger.addHandler(records)
     try:
         with pytest.MonkeyPatch.context() as patch:

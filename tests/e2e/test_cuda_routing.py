@@ -1,4 +1,4 @@
-"""The routing backend on CUDA (strategies/backend_cuda.py) in a real vLLM engine: needs a CUDA GPU and
+"""The routing backend on CUDA (strategies/engine/backend_cuda.py) in a real vLLM engine: needs a CUDA GPU and
 vLLM's CUDA build (skipped otherwise). A mixed batch (full + sink + landmark rows) gives each request
 what it gives alone, and an all-``full`` batch is FlashAttention's own result."""
 
@@ -42,7 +42,7 @@ def _params(strategy: str | None, params: dict | None = None, max_tokens: int = 
 
 
 def test_engine_uses_the_routing_backend(cuda_llm):
-    from strategies.backend import ROUTER
+    from strategies.engine.backend import ROUTER
 
     cuda_llm.generate([{"prompt_token_ids": [1, 2, 3, 4]}], _params(None, max_tokens=2))
     assert ROUTER.model is not None and ROUTER.runner is not None

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from server.model import embedded_model_dir
-from strategies import stats as stats_io
+from strategies.engine import stats as stats_io
 from tests.e2e.conftest import PAGE, assert_same_greedy, built_engine, remove_files
 from tests.e2e.test_routing import generate, sampling, strategies_small
 

@@ -8,7 +8,7 @@ import uuid
 
 import pytest
 
-from strategies import stats as stats_io
+from strategies.engine import stats as stats_io
 from tests.e2e.conftest import assert_same_greedy, fresh_prompts
 from strategies.base import causal_pairs
 from strategies.sink import sink_visible_pairs

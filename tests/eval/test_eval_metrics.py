@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+from types import SimpleNamespace
+
 import pytest
 
 import torch
@@ -105,6 +107,26 @@ def test_a_config_asks_the_server_for_its_budget():
     assert sw.Config("full", None).attention() == {"strategy": "full", "params": {}}
     assert [c.label for c in sw.build_configs(["full", "sink", "seer"], [0.125, 512], {})] == [
         "full", "sink@0.125", "sink@512", "seer@0.125", "seer@512"]
+
+
+def test_the_floor_is_a_second_run_of_full_compared_with_the_first():
+    """`--floor` adds full#2; the fidelity of every configuration, full#2 included, is measured against the
+    first run of full, and full#2 is no control."""
+    configs = sw.build_configs(["sink"], [0.125], {}, floor=True)
+    assert [(c.label, c.is_control) for c in configs] == [("full", True), ("full#2", False), ("sink@0.125", False)]
+    assert configs[1].attention() == configs[0].attention() == {"strategy": "full", "params": {}}
+    sample = SimpleNamespace(sample_id=0)
+    top = [{1: -0.1, 2: -2.5}] * 8
+    other = [{1: -2.5, 2: -0.1}] * 8
+
+    def forced(config, tops):
+        return sw.Job("forced", config, 100, sample,
+                      result=SimpleNamespace(ok=True, top_logprobs=tops, token_logprobs=[-0.1] * 8))
+
+    jobs = [forced(configs[1], other), forced(configs[0], top), forced(configs[2], top)]
+    sw.text_metrics(jobs)
+    assert jobs[0].extra["forced_top1"] == 0.0 and jobs[2].extra["forced_top1"] == 1.0
+    assert jobs[1].extra["forced_top1"] == 1.0      # the control against itself
 
 
 SMOL = ModelFacts(30, 9, 3, 64, 128, 8192, torch.float32, "SmolLM2-135M-Instruct")

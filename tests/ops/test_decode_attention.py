@@ -90,11 +90,11 @@ def test_all_tokens_equal_dense_sdpa(dtype):
 def test_same_as_vllm_cpu_attention_on_a_cache_vllm_wrote():
     """The cache layout we read is the one vLLM writes: vLLM's reshape_and_cache fills the cache in the
     layout the routing backend has it use on this CPU ('vec' where vLLM would pick 'amx'), vLLM's decode
-    kernel and ours (all indices, views as strategies.backend builds them) agree."""
+    kernel and ours (all indices, views as strategies.engine.backend builds them) agree."""
     import vllm._custom_ops as vllm_ops
     from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 
-    from strategies.backend import readable_cpu_attention_isa, strategy_cache_views
+    from strategies.engine.backend import readable_cpu_attention_isa, strategy_cache_views
 
     dtype, page, num_kv_heads, num_heads, head_size = torch.bfloat16, 128, 3, 9, 64
     seq_lens = [5, 300, 1000]

@@ -15,7 +15,7 @@ from server.config import (
     logits_processors_argv,
     parse_engine_arg,
 )
-from strategies.forcing import PROCESSOR_FQCN
+from strategies.engine.forcing import PROCESSOR_FQCN
 
 
 def test_engine_arg_spellings():

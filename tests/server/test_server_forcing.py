@@ -1,4 +1,4 @@
-"""Teacher forcing (`vllm_xargs.attnserve_force_tokens`, strategies/forcing.py) through the real
+"""Teacher forcing (`vllm_xargs.attnserve_force_tokens`, strategies/engine/forcing.py) through the real
 server: the output is the forced tokens, and their logprobs are the model's raw ones (computed
 before the forcing processor), so a forced continuation's NLL is the strategy's own."""
 

@@ -1,4 +1,4 @@
-"""What can be checked of the CUDA routing backend (strategies/backend_cuda.py) without a GPU: the plugin
+"""What can be checked of the CUDA routing backend (strategies/engine/backend_cuda.py) without a GPU: the plugin
 registers it by path without importing it, its class contract with vLLM, and its K/V views of vLLM's
 FlashAttention cache layout (on CPU tensors, against a gather)."""
 
@@ -14,7 +14,7 @@ def _register_on(monkeypatch, cpu: bool, cuda: bool) -> list:
     from vllm.platforms import current_platform
     from vllm.v1.attention.backends import registry
 
-    from strategies import kv_release, plugin
+    from strategies.engine import kv_release, plugin
 
     calls = []
     monkeypatch.setattr(current_platform, "is_cpu", lambda: cpu)
@@ -22,9 +22,9 @@ def _register_on(monkeypatch, cpu: bool, cuda: bool) -> list:
     monkeypatch.setattr(registry, "register_backend", lambda backend, path: calls.append((backend, path)))
     monkeypatch.setattr(kv_release, "install", lambda: None)
     monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "0")
-    monkeypatch.delitem(sys.modules, "strategies.backend_cuda", raising=False)
+    monkeypatch.delitem(sys.modules, "strategies.engine.backend_cuda", raising=False)
     plugin.register()
-    assert "strategies.backend_cuda" not in sys.modules   # vLLM imports it only when it selects CUSTOM
+    assert "strategies.engine.backend_cuda" not in sys.modules   # vLLM imports it only when it selects CUSTOM
     return calls
 
 
@@ -32,9 +32,9 @@ def test_plugin_registers_the_cuda_backend_by_path(monkeypatch):
     from vllm.v1.attention.backends.registry import AttentionBackendEnum
 
     assert _register_on(monkeypatch, cpu=False, cuda=True) == [
-        (AttentionBackendEnum.CUSTOM, "strategies.backend_cuda.RoutingFlashBackend")]
+        (AttentionBackendEnum.CUSTOM, "strategies.engine.backend_cuda.RoutingFlashBackend")]
     assert _register_on(monkeypatch, cpu=True, cuda=False) == [
-        (AttentionBackendEnum.CPU_ATTN, "strategies.backend.RoutingCPUBackend")]
+        (AttentionBackendEnum.CPU_ATTN, "strategies.engine.backend.RoutingCPUBackend")]
 
 
 def test_cuda_backend_class_contract():
@@ -46,7 +46,7 @@ def test_cuda_backend_class_contract():
     )
     from vllm.v1.attention.backends.registry import AttentionBackendEnum
 
-    from strategies import backend, backend_cuda, plugin
+    from strategies.engine import backend, backend_cuda, plugin
 
     cls = backend_cuda.RoutingFlashBackend
     assert issubclass(cls, FlashAttentionBackend)
@@ -74,7 +74,7 @@ def test_flash_cache_views_match_a_gather(layout):
     (``reshape_and_cache_flash``); the strategies' views must read the same values at [b, h, t]."""
     from vllm.v1.kv_cache_layout import KVCacheLayout
 
-    from strategies.backend_cuda import flash_cache_views
+    from strategies.engine.backend_cuda import flash_cache_views
 
     num_layers, num_blocks, hkv, block, d = 2, 5, 3, 16, 8
     order = KVCacheLayout[layout].stride_order          # logical [L, B, H, N, C] -> physical order

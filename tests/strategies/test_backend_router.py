@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from strategies.backend import Router, readable_cpu_attention_isa
+from strategies.engine.backend import Router, readable_cpu_attention_isa
 from strategies.base import ModelFacts
 from strategies.registry import AttentionChoice
 from strategies.seer import SeerGates, SeerStrategy
@@ -100,7 +100,7 @@ def test_an_unavailable_machine_runs_full_and_says_why(caplog):
     router.model = ModelFacts(30, 9, 3, 64, 32, 2048, torch.bfloat16, "SmolLM2-135M-Instruct")
     router.unavailable = "vLLM's CPU attention on this machine ('neon') keeps the KV cache elsewhere"
     router.runner = fake_runner(["a", "b"], 2, {"a": {"strategy": "sink"}, "b": {"strategy": "full"}})
-    with caplog.at_level(logging.WARNING, logger="strategies.backend"):
+    with caplog.at_level(logging.WARNING, logger="strategies.engine.backend"):
         assert router.choice("a") == AttentionChoice.default()
         assert router.choice("b").strategy == "full"
     assert "'sink'" in caplog.text and "neon" in caplog.text
@@ -113,7 +113,7 @@ def test_a_step_whose_rows_cannot_be_identified_is_logged(caplog):
     router.runner = fake_runner(["a", "b"], 2, choices)
     for rid in choices:
         router.choice(rid)
-    with caplog.at_level(logging.ERROR, logger="strategies.backend"):
+    with caplog.at_level(logging.ERROR, logger="strategies.engine.backend"):
         assert router.step_request_ids(2) == ["a", "b"]
         assert caplog.text == ""
         router.runner.input_batch.num_reqs = 3             # the step's metadata and the batch disagree
@@ -125,7 +125,7 @@ def test_a_step_whose_rows_cannot_be_identified_is_logged(caplog):
 def test_a_warm_up_step_is_not_logged(caplog):
     router = Router()
     router.runner = fake_runner([], 0, {})
-    with caplog.at_level(logging.ERROR, logger="strategies.backend"):
+    with caplog.at_level(logging.ERROR, logger="strategies.engine.backend"):
         assert router.step_request_ids(4) is None
     assert caplog.text == ""
 

@@ -1,4 +1,4 @@
-"""The scheduler-side KV policy (strategies/kv_release.py) reads each strategy's own description of the KV
+"""The scheduler-side KV policy (strategies/engine/kv_release.py) reads each strategy's own description of the KV
 it keeps; nothing there names a strategy."""
 
 from __future__ import annotations
@@ -7,7 +7,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from strategies import kv_release, registry
+from strategies import registry
+from strategies.engine import kv_release
 
 
 def request(attention: dict | None, prompt_tokens: int = 1000):

@@ -1,6 +1,6 @@
-"""The routing attention backend on CUDA: vLLM's FlashAttention with the routing of ``strategies.backend``.
+"""The routing attention backend on CUDA: vLLM's FlashAttention with the routing of ``strategies.engine.backend``.
 
-Registered by ``strategies.plugin`` as ``AttentionBackendEnum.CUSTOM`` (only on CUDA: this module imports
+Registered by ``strategies.engine.plugin`` as ``AttentionBackendEnum.CUSTOM`` (only on CUDA: this module imports
 vLLM's FlashAttention backend); the engine must be started with ``attention_backend="CUSTOM"`` (the
 server adds ``--attention-backend CUSTOM`` on CUDA, ``server/config.py``). The routing is the CPU
 backend's (``RoutingBuilderMixin``/``RoutingImplMixin`` and the process-wide ``ROUTER``):
@@ -32,7 +32,7 @@ from vllm.v1.attention.backends.flash_attn import (
     FlashAttentionMetadataBuilder,
 )
 
-from strategies.backend import RoutingBuilderMixin, RoutingImplMixin
+from strategies.engine.backend import RoutingBuilderMixin, RoutingImplMixin
 
 
 def flash_cache_views(kv_cache: Tensor, head_size: int) -> tuple[Tensor, Tensor]:

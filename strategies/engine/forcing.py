@@ -44,7 +44,7 @@ logger = logging.getLogger(__name__)
 # The key in `SamplingParams.extra_args` (and in a request's `vllm_xargs`).
 FORCE_TOKENS_KEY = "attnserve_force_tokens"
 # The engine argument value that loads the processor (`--logits-processors`).
-PROCESSOR_FQCN = "strategies.forcing:ForcedTokensLogitsProcessor"
+PROCESSOR_FQCN = "strategies.engine.forcing:ForcedTokensLogitsProcessor"
 
 
 def parse_force_tokens(value: Any, vocab_size: int | None = None) -> list[int]:

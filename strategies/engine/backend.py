@@ -10,12 +10,12 @@ group, each writing its rows of ``output``. A step whose rows are all dense dele
 (no gather, no copy). After the last layer each group's ``finish_step`` runs and the stats are written.
 
 The routing itself (``RoutingBuilderMixin``, ``RoutingImplMixin``) does not depend on the platform: the
-CPU backend here and the CUDA one (``strategies.backend_cuda``, over FlashAttention) put the mixins in
+CPU backend here and the CUDA one (``strategies.engine.backend_cuda``, over FlashAttention) put the mixins in
 front of vLLM's builder/impl, and differ only in ``strategy_cache_views`` (how the strategies see the
 paged KV cache).
 
 Row ``i`` of the step is ``runner.input_batch.req_ids[i]``; the runner is captured by the hook on
-``GPUModelRunner._update_states`` (see ``strategies.plugin`` for why this channel), which also releases
+``GPUModelRunner._update_states`` (see ``strategies.engine.plugin`` for why this channel), which also releases
 per-request state when a request finishes, is aborted or is preempted.
 """
 
@@ -38,7 +38,7 @@ from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionMetadataBuilder,
 )
 
-from strategies import stats as stats_io
+from strategies.engine import stats as stats_io
 from strategies.base import AttentionUsage, ModelFacts, StepRows, Strategy, step_pairs
 from strategies.registry import FULL
 

@@ -2,9 +2,9 @@
 processes.
 
 ``register()`` checks the vLLM version, puts the routing backend in place of vLLM's own (over
-``CPU_ATTN`` on CPU: ``strategies.backend``; as ``CUSTOM`` on CUDA: ``strategies.backend_cuda``, a
+``CPU_ATTN`` on CPU: ``strategies.engine.backend``; as ``CUSTOM`` on CUDA: ``strategies.engine.backend_cuda``, a
 FlashAttention subclass registered by its path, so nothing CUDA-only is imported here) and installs
-the scheduler-side KV policy (``strategies.kv_release``: ``sink`` gives out-of-window blocks back to
+the scheduler-side KV policy (``strategies.engine.kv_release``: ``sink`` gives out-of-window blocks back to
 the pool; sparse KV stays out of the prefix cache).
 
 How a request's strategy reaches the builder: the worker's model runner keeps every request's
@@ -42,8 +42,8 @@ def _check_vllm_version() -> None:
             "or exclude the plugin with VLLM_PLUGINS=<other plugins>.")
 
 
-CPU_BACKEND = "strategies.backend.RoutingCPUBackend"
-CUDA_BACKEND = "strategies.backend_cuda.RoutingFlashBackend"   # imported by vLLM only when it selects CUSTOM
+CPU_BACKEND = "strategies.engine.backend.RoutingCPUBackend"
+CUDA_BACKEND = "strategies.engine.backend_cuda.RoutingFlashBackend"   # imported by vLLM only when it selects CUSTOM
 
 
 def register() -> None:
@@ -62,6 +62,6 @@ def register() -> None:
         logger.warning("attnserve: no routing backend for platform %s; every request runs full attention",
                        current_platform.device_name)
         return
-    from strategies import kv_release
+    from strategies.engine import kv_release
 
     kv_release.install()
