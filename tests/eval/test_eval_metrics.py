@@ -246,3 +246,14 @@ def test_the_report_is_rebuilt_from_a_runs_raw_data(tmp_path):
     assert text.startswith("# Evaluation results: gemma-3-270m")
     assert "| full | 1024 | 1.000 | 0.200 | 100.0 [86–100] | 1.00 | 24 |" in text
     assert "| sink@0.125 | 1024 | 0.125 | 0.200 | 0.0 [0–14] | 0.00 | 24 |" in text
+
+
+def test_copy_share_counts_the_continuations_windows_found_in_the_prompt():
+    from bench.copy_split import copy_share
+
+    prompt = list(range(100))
+    assert copy_share(prompt, list(range(40, 60))) == 1.0
+    assert copy_share(prompt, list(range(200, 220))) == 0.0
+    # 13 windows of 8 in a 20-token continuation; the first 5 (starting at 88..92) lie inside the prompt
+    assert copy_share(prompt, list(range(88, 108))) == pytest.approx(5 / 13)
+    assert copy_share(prompt, [1, 2, 3]) == 0.0
