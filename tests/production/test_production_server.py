@@ -4,15 +4,18 @@ last a SIGTERM with requests in flight (which ends this module's server)."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
 import time
+from collections import Counter
 
 import httpx
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
 
 from production_helpers import (
     API_KEY,
@@ -32,6 +35,7 @@ from production_helpers import (
     sse_data,
     wait_for_idle_engine,
 )
+from tests.fuzz_values import attention_values, force_tokens_values, xargs_values
 
 MODEL = "SmolLM2-135M-Instruct"
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
@@ -396,7 +400,9 @@ def test_openapi_describes_the_generation_routes(anonymous):
 # -- fuzz ------------------------------------------------------------------------------------
 
 
-FUZZ_CASES_PER_OPERATION = 10
+# `make test` runs a short fuzz; `make fuzz` sets these to >= 1,000 cases in all (docs/operations.md)
+FUZZ_CASES_PER_OPERATION = int(os.environ.get("ATTNSERVE_FUZZ_CASES", "10"))
+FUZZ_BODIES = int(os.environ.get("ATTNSERVE_FUZZ_BODIES", "60"))
 FUZZ_MAX_TOKENS = 8
 
 
@@ -412,8 +418,8 @@ def bounded(case) -> None:
 
 
 def test_fuzz_from_the_openapi_schema_gives_no_5xx(prod_server):
-    """schemathesis cases from /openapi.json, at most 10 per operation (6 operations), generated
-    deterministically without shrinking; every answer arrives and is < 500."""
+    """schemathesis cases from /openapi.json, at most FUZZ_CASES_PER_OPERATION per operation (6 operations),
+    generated deterministically without shrinking; every answer arrives and is < 500."""
     schema = schemathesis.openapi.from_url(f"{prod_server.base_url}/openapi.json", headers=AUTH)
     operations = [result.ok() for result in schema.get_all_operations()]
     labels = {operation.label for operation in operations}
@@ -433,6 +439,45 @@ def test_fuzz_from_the_openapi_schema_gives_no_5xx(prod_server):
         call()
     assert 0 < len(calls) <= FUZZ_CASES_PER_OPERATION * len(operations) * 2
     assert calls.count("POST /v1/completions") >= 5 and calls.count("POST /v1/chat/completions") >= 5
+
+
+@st.composite
+def fuzzed_bodies(draw) -> tuple[str, dict]:
+    """A short completion or chat request carrying a generated ``attention``, ``vllm_xargs`` or
+    ``vllm_xargs.attnserve_force_tokens`` (tests/fuzz_values.py)."""
+    chat = draw(st.booleans())
+    body = {"model": MODEL, "max_tokens": 1, "temperature": 0.0,
+            **({"messages": CHAT} if chat else {"prompt": "The capital of France is"})}
+    field = draw(st.integers(0, 2))
+    if field == 0:
+        body["attention"] = draw(attention_values())
+    elif field == 1:
+        body["vllm_xargs"] = draw(xargs_values())
+    else:
+        body["vllm_xargs"] = {"attnserve_force_tokens": draw(force_tokens_values())}
+    return ("/v1/chat/completions" if chat else "/v1/completions"), body
+
+
+def test_fuzzed_attention_xargs_and_forcing_give_no_5xx(http, prod_server):
+    """FUZZ_BODIES requests whose attention / vllm_xargs / forcing fields come from the registry-driven
+    generators (every strategy's params with random types and edge values, budgets, shorthand and JSON
+    strings, NaN and lone surrogates): every answer is < 500, some are accepted, and the server stays healthy."""
+    statuses: Counter = Counter()
+
+    @given(fuzzed_bodies())
+    @settings(max_examples=FUZZ_BODIES, deadline=None, derandomize=True, database=None,
+              phases=[Phase.generate], suppress_health_check=list(HealthCheck))
+    def call(path_and_body):
+        path, body = path_and_body
+        response = http.post(path, content=json.dumps(body, allow_nan=True),
+                             headers={"content-type": "application/json"})
+        statuses[response.status_code] += 1
+        assert response.status_code < 500, (path, body, response.text[:2000])
+
+    call()
+    assert sum(statuses.values()) >= FUZZ_BODIES * 0.9, statuses
+    assert statuses[200] > 0 and sum(n for code, n in statuses.items() if 400 <= code < 500) > 0, statuses
+    assert http.get("/health").status_code == 200, prod_server.log_tail()
 
 
 # -- SIGTERM with requests in flight (last: it ends this module's server) --------------------
