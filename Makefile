@@ -57,12 +57,12 @@ bench: setup
 
 # The long fuzz of the production server (`make test` runs a short one): >= 1,000 schemathesis cases from
 # /openapi.json and 1,000 generated attention / vllm_xargs / forcing bodies; no answer may be a 5xx.
-FUZZ_CASES ?= 170
+FUZZ_CASES ?= 600
 FUZZ_BODIES ?= 1000
 fuzz: setup
 	$(BIN)/attnserve prepare-model
 	ATTNSERVE_FUZZ_CASES=$(FUZZ_CASES) ATTNSERVE_FUZZ_BODIES=$(FUZZ_BODIES) \
-		$(BIN)/python -m pytest tests/production/test_production_server.py -k fuzz -p no:cacheprovider $(PYTEST_ARGS)
+		$(BIN)/python -m pytest tests/production/test_production_server.py -k fuzz -p no:cacheprovider -rP $(PYTEST_ARGS)
 
 # Load test (Locust, headless) against BASE_URL; without BASE_URL it starts its own server.
 # The report (report.md/.json/.png) lands in LOADTEST_OUT.

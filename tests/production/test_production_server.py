@@ -439,6 +439,7 @@ def test_fuzz_from_the_openapi_schema_gives_no_5xx(prod_server):
         call()
     assert 0 < len(calls) <= FUZZ_CASES_PER_OPERATION * len(operations) * 2
     assert calls.count("POST /v1/completions") >= 5 and calls.count("POST /v1/chat/completions") >= 5
+    print(f"schemathesis: {len(calls)} cases over {len(operations)} operations, none >= 500")
 
 
 @st.composite
@@ -478,6 +479,7 @@ def test_fuzzed_attention_xargs_and_forcing_give_no_5xx(http, prod_server):
     assert sum(statuses.values()) >= FUZZ_BODIES * 0.9, statuses
     assert statuses[200] > 0 and sum(n for code, n in statuses.items() if 400 <= code < 500) > 0, statuses
     assert http.get("/health").status_code == 200, prod_server.log_tail()
+    print(f"generated bodies: {sum(statuses.values())}, by status {dict(sorted(statuses.items()))}")
 
 
 # -- SIGTERM with requests in flight (last: it ends this module's server) --------------------
