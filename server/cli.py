@@ -1,7 +1,8 @@
 """`attnserve`: the command line.
 
-Each subcommand is a `Command` (name, help, add_arguments, run); add one to `COMMANDS` to extend it
-(calibrate-seer, eval, bench, loadtest, ...). Heavy imports (vLLM, torch) happen inside `run`.
+Each subcommand is a `Command` (name, help, add_arguments, run): `serve` and `prepare-model` here, the
+others (eval, bench, recommend, calibrate-seer, ...) from the `attnserve.commands` entry points of the
+installed packages. Heavy imports (vLLM, torch) happen inside `run`.
 """
 
 from __future__ import annotations
@@ -264,7 +265,13 @@ def run_serve(args: argparse.Namespace) -> int:
     return uvloop.run(run_server(settings))
 
 
-# -- calibrate-seer, seer-report, calibration-text (strategies/calibration/cli.py) ---------------
+# -- commands of other packages (eval / bench / recommend: bench/; calibrate-seer, seer-report,
+# calibration-text: strategies/calibration/cli.py) ---------------------------------------------------
+# The evaluation, the benchmarks and a strategy's tools declare their commands in the `attnserve.commands`
+# entry-point group (pyproject.toml), so that the server imports none of them. An entry point names an
+# object (a module, or a namespace) with COMMAND_HELP, add_arguments(parser) and run(args) -> int; with
+# RESOLVES_MODEL true, `--model` (a folder or a known name; default: the embedded model) is resolved
+# to a prepared folder before `run`.
 
 
 def _with_model(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
@@ -281,23 +288,6 @@ def _with_model(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.
     return wrapped
 
 
-def _seer_calibration_commands() -> tuple[Command, ...]:
-    from strategies.calibration import cli as seer
-
-    return (
-        Command("calibrate-seer", "calibrate SeerAttention gates for a model (base model frozen)",
-                seer.add_calibrate_arguments, _with_model(seer.run_calibrate)),
-        Command("seer-report", "recall of the attention mass vs sparsity of SeerAttention gates",
-                seer.add_report_arguments, _with_model(seer.run_report)),
-        Command("calibration-text", "write the offline calibration text (train + held-out)",
-                seer.add_text_arguments, seer.run_text),
-    )
-
-
-# -- commands of other packages (eval / bench / recommend: bench/) ---------------------------------
-# The evaluation and benchmarks are clients of the server: they declare their commands in the
-# `attnserve.commands` entry-point group (pyproject.toml), so that the server imports none of them. An entry
-# point names a module with COMMAND_HELP, add_arguments(parser) and run(args) -> int.
 COMMAND_GROUP = "attnserve.commands"
 
 
@@ -309,8 +299,9 @@ def plugin_commands(taken: set[str]) -> tuple[Command, ...]:
         if point.name in taken:
             continue
         try:
-            module = point.load()
-            commands.append(Command(point.name, module.COMMAND_HELP, module.add_arguments, module.run))
+            entry = point.load()
+            run = _with_model(entry.run) if getattr(entry, "RESOLVES_MODEL", False) else entry.run
+            commands.append(Command(point.name, entry.COMMAND_HELP, entry.add_arguments, run))
         except Exception as err:  # noqa: BLE001 - a broken plugin must not take `attnserve serve` down
             print(f"attnserve: command {point.name!r} ({point.value}) not loaded: {err}", file=sys.stderr)
     return tuple(commands)
@@ -320,7 +311,6 @@ COMMANDS: tuple[Command, ...] = (
     Command("serve", "serve the OpenAI-compatible API", add_serve_arguments, run_serve),
     Command("prepare-model", "convert a named model into the cache (idempotent)",
             add_prepare_model_arguments, run_prepare_model),
-    *_seer_calibration_commands(),
 )
 
 

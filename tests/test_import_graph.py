@@ -77,15 +77,20 @@ def test_no_import_cycle(graph):
     assert not cycles, cycles
 
 
-def test_the_client_commands_are_entry_points():
-    """`attnserve eval | bench | recommend` exist although server/ does not import bench/."""
+def test_the_client_and_calibration_commands_are_entry_points(graph):
+    """`attnserve eval | bench | recommend` and the seer calibration's commands exist although server/
+    imports neither bench/ nor strategies/calibration; calibrate-seer and seer-report get --model resolved."""
     from server.cli import build_parser
 
+    assert not [d for d in graph["server.cli"] if d.startswith(("bench", "strategies.calibration"))]
     parser = build_parser()
     required = {"recommend": ["--results", "sweep.json", "--prompt-len", "1024"], "bench": ["--start-server"],
-                "eval": ["--start-server"]}
-    for command in ("eval", "bench", "recommend"):
-        assert parser.parse_args([command, *required.get(command, [])]).command == command
+                "eval": ["--start-server"], "calibration-text": ["--out", "x.txt"]}
+    for command in ("eval", "bench", "recommend", "calibrate-seer", "seer-report", "calibration-text"):
+        args = parser.parse_args([command, *required.get(command, [])])
+        assert args.command == command
+        resolves_model = command in ("calibrate-seer", "seer-report")
+        assert (args.run.__name__ == "wrapped") == resolves_model, command
 
 
 def test_the_policies_do_not_reach_into_vllm_glue_or_calibration(graph):

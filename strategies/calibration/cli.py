@@ -1,18 +1,20 @@
-"""Command-line glue of the SeerAttention gate calibration (``attnserve calibrate-seer``, ``seer-report``,
-``calibration-text``; registered in server/cli.py). Light: torch is imported only when a command runs
-(``strategies.calibration.train``)."""
+"""Command-line glue of the SeerAttention gate calibration: ``attnserve calibrate-seer``, ``seer-report``
+and ``calibration-text``, declared as ``attnserve.commands`` entry points in pyproject.toml (the server
+finds them there and resolves ``--model`` first: ``RESOLVES_MODEL``). Light: torch is imported only when a
+command runs (``strategies.calibration.train``)."""
 
 from __future__ import annotations
 
 import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Optional
 
 from strategies.calibration.config import CalibrationConfig
 
 
-# -- command line (registered in server/cli.py) ----------------------------------------------------
+# -- command line ------------------------------------------------------------------------------------
 
 def add_calibrate_arguments(parser) -> None:
     d = CalibrationConfig()
@@ -108,3 +110,12 @@ def _model_dir(model: Optional[str]) -> Path:
     if not model:   # server/cli.py resolves the embedded model before calling (strategies never import server)
         raise SystemExit("--model is required")
     return Path(model).expanduser()
+
+
+# the `attnserve.commands` entry points
+CALIBRATE_SEER = SimpleNamespace(COMMAND_HELP="calibrate SeerAttention gates for a model (base model frozen)",
+                                 add_arguments=add_calibrate_arguments, run=run_calibrate, RESOLVES_MODEL=True)
+SEER_REPORT = SimpleNamespace(COMMAND_HELP="recall of the attention mass vs sparsity of SeerAttention gates",
+                              add_arguments=add_report_arguments, run=run_report, RESOLVES_MODEL=True)
+CALIBRATION_TEXT = SimpleNamespace(COMMAND_HELP="write the offline calibration text (train + held-out)",
+                                   add_arguments=add_text_arguments, run=run_text)
