@@ -328,11 +328,16 @@ def aggregate(records: list[dict], configs: list[Config], lengths: list[int], mo
     return rows
 
 
+def control_row(row: dict) -> bool:
+    """The row of the first run of `full` (not a `--floor` replica, full#2)."""
+    return row.get("config", row["strategy"]) == FULL
+
+
 def mark_against_full(rows: list[dict]) -> None:
     """Per row and task: `full`'s score at the same length, and the row's score over it where `full`
     passes (>= FULL_PASSES), else None with the task listed in `full_fails` (the cell measures the
     task's difficulty for the model, not the strategy's loss)."""
-    full = {r["length"]: r for r in rows if r["config"] == FULL}
+    full = {r["length"]: r for r in rows if control_row(r)}
     for r in rows:
         reference = full.get(r["length"])
         r["vs_full"], r["full_fails"] = {}, []
@@ -633,9 +638,9 @@ def write_plots(result: dict, out: Path) -> list[str]:
             for r in rows:
                 if r["length"] != length or r["score"] is None:
                     continue
-                if r["config"] == FULL:
+                if control_row(r):
                     full_score = r["score"]
-                elif not r["config"].startswith(f"{FULL}#"):
+                elif r["strategy"] != FULL:
                     series[r["strategy"]].append((r["nominal_fraction"], r["score"]))
             plot_lines(ax, series)
             if full_score is not None:
@@ -658,7 +663,7 @@ def write_plots(result: dict, out: Path) -> list[str]:
         agree: dict[str, list] = defaultdict(list)
         kl: dict[str, list] = defaultdict(list)
         for r in rows:
-            if r["config"] == FULL:
+            if control_row(r):
                 continue
             agree[r["config"]].append((r["length"], r["agreement"]))
             kl[r["config"]].append((r["length"], r["kl"]))
