@@ -3,7 +3,7 @@ continuation is mostly *copyable* (at least ``--copy-share`` of its 8-token wind
 the prompt: the corpus of licenses repeats whole passages) against *prose* (the rest). A strategy that
 keeps prose but loses copies does not follow the copy source from step to step.
 
-    .venv/bin/python -m bench.copy_split docs/results-gemma3-fidelity --tokenizer ~/.cache/attnserve/models/gemma-3-270m
+    .venv/bin/python -m bench.copy_split docs/results-gemma3-fidelity --model gemma3-270m
 
 Reads the run's outputs.jsonl and sweep.json (for the seed) and rebuilds each text from the offline
 corpus (``bench.fidelity.text_sample``); prints a markdown table.
@@ -19,6 +19,7 @@ from pathlib import Path
 
 from bench import fidelity as fid
 from bench.client import load_tokenizer
+from server.model import resolve_model
 
 NGRAM = 8
 
@@ -43,12 +44,14 @@ def summary(values: list[tuple[float, float]]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run", type=Path, help="an eval --out folder (outputs.jsonl, sweep.json)")
-    parser.add_argument("--tokenizer", default=None, help="the served model's folder (default: the embedded model)")
+    parser.add_argument("--model", default=None,
+                        help="the run's model: a known name or a folder (default: the embedded model), "
+                             "found in $ATTNSERVE_CACHE")
     parser.add_argument("--copy-share", type=float, default=0.1, help="a text is a copy from this share on")
     args = parser.parse_args(argv)
 
     seed = json.loads((args.run / "sweep.json").read_text())["meta"]["seed"]
-    tokenizer = load_tokenizer(str(Path(args.tokenizer).expanduser()) if args.tokenizer else None)
+    tokenizer = load_tokenizer(resolve_model(args.model))
     records = [json.loads(line) for line in (args.run / "outputs.jsonl").read_text().splitlines()]
     forced = [r for r in records if r["kind"] == "forced" and r.get("ok") and r.get("forced_top1") is not None]
     kind_of: dict[tuple[int, str], str] = {}
