@@ -18,7 +18,7 @@ endif
 
 CSRC := $(shell find csrc -type f \( -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' \) 2>/dev/null)
 
-.PHONY: setup serve test model ext bench fuzz loadtest clean
+.PHONY: setup serve test model ext bench fuzz loadtest soak clean
 .DEFAULT_GOAL := test
 
 $(BIN)/python:
@@ -80,6 +80,15 @@ loadtest: setup
 		--users $(USERS) --spawn-rate $(SPAWN_RATE) --duration $(DURATION) \
 		--strategies $(STRATEGIES) --prompt-lengths $(PROMPT_LENGTHS) --max-tokens $(MAX_TOKENS) \
 		--out $(LOADTEST_OUT) $(LOADTEST_ARGS)
+
+# The soak (issue 20): 30 minutes of the mixed-strategy load with 20% of streams abandoned by the client; it
+# fails on request errors, on RSS or strategy-buffer growth after 5 minutes, or on buffers left held.
+SOAK_DURATION ?= 30m
+SOAK_OUT ?= soak-report
+SOAK_ARGS ?=
+soak: setup
+	$(BIN)/attnserve prepare-model
+	$(BIN)/python -m loadtests.soak --duration $(SOAK_DURATION) --out $(SOAK_OUT) $(SOAK_ARGS)
 
 clean:
 	rm -rf .make build strategies/*.so

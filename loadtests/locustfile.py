@@ -50,6 +50,8 @@ def _add_arguments(parser):
                        help="count a response without attnserve's `attention` report as an error")
     group.add_argument("--samples-out", default="", help="write one JSON line per request here")
     group.add_argument("--seed", type=int, default=0, help="seed of the request mix")
+    group.add_argument("--cancel-share", type=float, default=0.0,
+                       help="share of streamed requests the client abandons after the first token")
 
 
 class _Run:
@@ -124,9 +126,10 @@ class OpenAIUser(HttpUser):
         body = self._body(api, strategy, make_prompt(prompt_len, rng))
         path = "/v1/chat/completions" if api.startswith("chat") else "/v1/completions"
         sample = Sample(strategy, api, prompt_len)
+        cancel = api.endswith("-stream") and rng.random() < self.environment.parsed_options.cancel_share
         _Run.started += 1
         try:
-            self._send(path, body, sample)
+            self._send(path, body, sample, cancel)
         except requests.Timeout as err:
             sample.fail("timeout", str(err))
         except requests.ConnectionError as err:
@@ -157,7 +160,7 @@ class OpenAIUser(HttpUser):
             body["stream_options"] = {"include_usage": True}
         return body
 
-    def _send(self, path: str, body: dict, sample: Sample) -> None:
+    def _send(self, path: str, body: dict, sample: Sample, cancel: bool = False) -> None:
         url = f"{self.host.rstrip('/')}{path}"
         session = self._session()
         stream = bool(body.get("stream"))
@@ -167,7 +170,7 @@ class OpenAIUser(HttpUser):
                 sample.fail(f"http_{response.status_code}", response.text)
                 return
             if stream:
-                self._read_stream(response, sample, body["attention"]["strategy"])
+                self._read_stream(response, sample, body["attention"]["strategy"], cancel)
             else:
                 try:
                     data = response.json()
@@ -177,7 +180,9 @@ class OpenAIUser(HttpUser):
                 sample.data["e2e"] = time.perf_counter() - sample.t0
                 self._check_final(data, sample, body["attention"]["strategy"], api_text=True)
 
-    def _read_stream(self, response, sample: Sample, strategy: str) -> None:
+    def _read_stream(self, response, sample: Sample, strategy: str, cancel: bool = False) -> None:
+        """Read an SSE stream to its end; with ``cancel``, hang up after the first token (the server must
+        abort the request and free what it held): a cancelled sample, not an error."""
         first_token_at = None
         done = False
         final: dict = {}
@@ -206,6 +211,11 @@ class OpenAIUser(HttpUser):
                     pieces += 1
                     if first_token_at is None:
                         first_token_at = time.perf_counter()
+                    if cancel:
+                        response.close()
+                        sample.data.update(ok=True, cancelled=True, ttft=first_token_at - sample.t0,
+                                           e2e=first_token_at - sample.t0)
+                        return
                 finish_reason = choice.get("finish_reason") or finish_reason
             if chunk.get("usage"):
                 final["usage"] = chunk["usage"]

@@ -52,14 +52,17 @@ def _stats(values: list[float]) -> dict[str, Any]:
 
 def _group(samples: list[dict]) -> dict[str, Any]:
     ok = [s for s in samples if s["ok"]]
-    fractions = [s["attended_fraction"] for s in ok if s.get("attended_fraction") is not None]
+    cancelled = [s for s in ok if s.get("cancelled")]       # abandoned by the client: TTFT only
+    whole = [s for s in ok if not s.get("cancelled")]
+    fractions = [s["attended_fraction"] for s in whole if s.get("attended_fraction") is not None]
     return {
         "requests": len(samples),
         "succeeded": len(ok),
+        "cancelled": len(cancelled),
         "errors": len(samples) - len(ok),
         "errors_by_kind": dict(Counter(s["error"] for s in samples if not s["ok"])),
-        "output_tokens": sum(s["output_tokens"] or 0 for s in ok),
-        **{m: _stats([s[m] for s in ok if s.get(m) is not None]) for m in METRICS},
+        "output_tokens": sum(s["output_tokens"] or 0 for s in whole),
+        **{m: _stats([s[m] for s in (ok if m == "ttft" else whole) if s.get(m) is not None]) for m in METRICS},
         "attended_fraction_mean": sum(fractions) / len(fractions) if fractions else None,
     }
 
@@ -113,7 +116,9 @@ def markdown(report: dict) -> str:
         f"**{report['total']['requests']} requests** in {report['wall_s']:.1f} s "
         f"({report['requests_per_s']:.2f} req/s, {report['output_tokens_per_s']:.1f} output "
         f"tokens/s), **{report['total']['errors']} errors**, "
-        f"{report['unanswered']} requests left unanswered at the end.",
+        + (f"{report['total']['cancelled']} abandoned by the client after the first token "
+           "(`--cancel-share`), " if report['total'].get('cancelled') else "")
+        + f"{report['unanswered']} requests left unanswered at the end.",
         "",
         "## Latency by strategy (ms)",
         "",

@@ -77,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-attention-report", action="store_true",
                    help="do not require attnserve's `attention` report (e.g. against stock vLLM)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cancel-share", type=float, default=0.0,
+                   help="share of streamed requests abandoned by the client after the first token")
     p.add_argument("--out", default="loadtest-report", help="report folder")
     return p
 
@@ -145,7 +147,8 @@ def stop_process_group(proc: subprocess.Popen, grace: float = 30.0) -> None:
 
 
 @contextmanager
-def started_server(serve_args: list[str], timeout: float, log_path: Path):
+def started_server_process(serve_args: list[str], timeout: float, log_path: Path):
+    """(base URL, the server's process: the leader of its own process group) while it runs."""
     port = free_port()
     base_url = f"http://127.0.0.1:{port}"
     cmd = attnserve_command() + ["serve", "--host", "127.0.0.1", "--port", str(port), *serve_args]
@@ -154,10 +157,16 @@ def started_server(serve_args: list[str], timeout: float, log_path: Path):
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         wait_healthy(base_url, timeout, proc)
-        yield base_url
+        yield base_url, proc
     finally:
         stop_process_group(proc)
         log.close()
+
+
+@contextmanager
+def started_server(serve_args: list[str], timeout: float, log_path: Path):
+    with started_server_process(serve_args, timeout, log_path) as (base_url, _):
+        yield base_url
 
 
 def post_json(url: str, body: dict, timeout: float = 120.0) -> tuple[int, dict]:
@@ -217,6 +226,7 @@ def run_locust(base_url: str, args, strategies: str, out: Path, duration_s: floa
         "--strategies", strategies, "--apis", args.apis, "--prompt-lengths", args.prompt_lengths,
         "--max-tokens", str(args.max_tokens), "--strategy-params", args.strategy_params,
         "--model", args.model, "--seed", str(args.seed), "--samples-out", str(samples),
+        "--cancel-share", str(args.cancel_share),
         "--ignore-eos", "false" if args.no_ignore_eos else "true",
         "--require-attention-report", "false" if args.no_attention_report else "true",
     ]

@@ -99,12 +99,19 @@ async def init_state(app: FastAPI, engine_client, args: argparse.Namespace, sett
     from server import metrics
     from server.routes import observe_engine_client
 
-    metrics.init_metrics(settings.max_concurrent_requests,
-                         kv_blocks=engine_client.vllm_config.cache_config.num_gpu_blocks)
+    from server.resources import StateLedger
+
+    facts = policy.model_facts
+    cache_config = engine_client.vllm_config.cache_config
+    kv_space = (cache_config.num_gpu_blocks or 0) * cache_config.block_size * facts.kv_bytes_per_token
+    ledger = StateLedger(limit=settings.strategy_memory_bytes(kv_space or None), wait_s=settings.strategy_memory_wait)
+    app.state.state_ledger = ledger
+    metrics.init_metrics(settings.max_concurrent_requests, kv_blocks=cache_config.num_gpu_blocks,
+                         state_bytes_limit=ledger.limit)
     for name in ("openai_serving_completion", "openai_serving_chat"):
         handler = getattr(app.state, name, None)
         if handler is not None:
-            observe_engine_client(handler)
+            observe_engine_client(handler, ledger, facts)
 
 
 @contextlib.contextmanager
@@ -137,7 +144,14 @@ async def _run_server(settings: ServeSettings) -> int:
     from vllm.entrypoints.launchers.api_server.entry import build_async_engine_client
     from vllm.entrypoints.launchers.launcher import setup_server
 
+    from strategies.base import STATE_BYTES_LIMIT_ENV
+
     args = settings.vllm_namespace()
+    limit = settings.strategy_memory_bytes()
+    if limit:   # the engine's workers inherit it: their buffer pools never grow past it
+        os.environ[STATE_BYTES_LIMIT_ENV] = str(limit)
+    else:
+        os.environ.pop(STATE_BYTES_LIMIT_ENV, None)
     listen_address, sock = setup_server(args, reuse_port=False)
     try:
         async with build_async_engine_client(args) as engine_client:

@@ -105,6 +105,22 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     add_production_arguments(parser)
 
 
+def _non_negative(kind: type) -> Callable[[str], object]:
+    """A number >= 0 (`none`/`off` read as 0)."""
+    def parse(text: str):
+        if text.strip().lower() in ("none", "off"):
+            return kind(0)
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number >= 0 or none, got {text!r}") from None
+        if not value >= 0:
+            raise argparse.ArgumentTypeError(f"expected a number >= 0 or none, got {text!r}")
+        return value
+    parse.__name__ = kind.__name__
+    return parse
+
+
 def _positive_or_none(kind: type) -> Callable[[str], object]:
     """A bound: a positive number, or 0 / `none` for no bound."""
     def parse(text: str):
@@ -169,6 +185,15 @@ def add_production_arguments(parser: argparse.ArgumentParser) -> None:
                         metavar="N", help=f"largest `n` (default {config.DEFAULT_MAX_N})")
     limits.add_argument("--max-prompt-tokens", type=_positive_or_none(int), default=None,
                         metavar="N", help="longest prompt in tokens (default: the context length)")
+    limits.add_argument(
+        "--strategy-memory-gib", type=_non_negative(float), default=None, metavar="GIB",
+        help="bound on the strategies' own buffers outside the KV cache (recycled's pool), reserved per "
+             "request from its prompt and max_tokens; past it a request waits (--strategy-memory-wait), "
+             "then gets 429; one that alone needs more gets 400 (default: the KV space, --kv-cache-gib)")
+    limits.add_argument(
+        "--strategy-memory-wait", type=_non_negative(float), default=config.DEFAULT_STRATEGY_MEMORY_WAIT_S,
+        metavar="SECONDS", help="how long a request waits for room under --strategy-memory-gib before its 429 "
+                                f"(default {config.DEFAULT_STRATEGY_MEMORY_WAIT_S:g}; 0: at once)")
     limits.add_argument("--max-body-bytes", type=_positive_or_none(int),
                         default=config.DEFAULT_MAX_BODY_BYTES, metavar="BYTES",
                         help="largest request body; beyond it 413 "
@@ -218,6 +243,8 @@ def serve_settings(args: argparse.Namespace) -> config.ServeSettings:
         max_n=args.max_n,
         max_prompt_tokens=args.max_prompt_tokens,
         max_body_bytes=args.max_body_bytes,
+        strategy_memory_gib=args.strategy_memory_gib,
+        strategy_memory_wait=args.strategy_memory_wait,
     )
 
 

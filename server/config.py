@@ -22,6 +22,7 @@ DEFAULT_MAX_CONCURRENT_REQUESTS = 256
 DEFAULT_MAX_N = 16
 DEFAULT_MAX_BODY_BYTES = 16 * (1 << 20)
 DEFAULT_DRAIN_TIMEOUT_S = 30.0
+DEFAULT_STRATEGY_MEMORY_WAIT_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,18 @@ class ServeSettings:
     max_n: int | None = DEFAULT_MAX_N
     max_prompt_tokens: int | None = None
     max_body_bytes: int | None = DEFAULT_MAX_BODY_BYTES
+    # The strategies' own buffers (server/resources.py): None = as large as the KV space, 0 = no bound.
+    strategy_memory_gib: float | None = None
+    strategy_memory_wait: float = DEFAULT_STRATEGY_MEMORY_WAIT_S
+
+    def strategy_memory_bytes(self, kv_space_bytes: int | None = None) -> int | None:
+        """The bound on the strategies' reserved buffer bytes (None: none): the flag, else the KV space
+        (``--kv-cache-gib``, or the engine's when it sized the cache itself)."""
+        if self.strategy_memory_gib is not None:
+            return int(self.strategy_memory_gib * GiB) or None
+        if self.kv_cache_gib is not None:
+            return int(self.kv_cache_gib * GiB)
+        return kv_space_bytes
 
     def vllm_argv(self) -> list[str]:
         """The argument list for vLLM's server parser (`make_arg_parser`)."""

@@ -4,9 +4,9 @@ by attention `strategy`.
 
 | metric | type | labels | what |
 |---|---|---|---|
-| `attnserve:requests_total` | counter | strategy, status | generation requests that passed validation, when they end; status `ok`, `bad_input` (a 4xx from vLLM, e.g. prompt too long), `timeout` (`--request-timeout`), `aborted` (the client went away), `error` (5xx / engine error) |
+| `attnserve:requests_total` | counter | strategy, status | generation requests that passed validation, when they end; status `ok`, `bad_input` (a 4xx from vLLM, e.g. prompt too long), `overload` (429: no room for the strategy's buffers within `--strategy-memory-wait`), `timeout` (`--request-timeout`), `aborted` (the client went away), `error` (5xx / engine error) |
 | `attnserve:request_errors_total` | counter | strategy, reason | the accepted requests that did not end `ok`, by reason (the status above, `error` split into `engine_dead` and `engine_error`) |
-| `attnserve:requests_rejected_total` | counter | reason | requests refused: `auth` (401), `overload` (429, `--max-concurrent-requests`), `timeout` (504), `bad_input` (400/413/422), `draining` (503 while shutting down) |
+| `attnserve:requests_rejected_total` | counter | reason | requests refused: `auth` (401), `overload` (429, `--max-concurrent-requests`), `memory` (429, `--strategy-memory-gib`), `timeout` (504), `bad_input` (400/413/422), `draining` (503 while shutting down) |
 | `attnserve:time_to_first_token_seconds` | histogram | strategy | from the engine submission to the first output token |
 | `attnserve:time_per_output_token_seconds` | histogram | strategy | (last token - first token) / (output tokens - 1), per request |
 | `attnserve:e2e_request_latency_seconds` | histogram | strategy | from the engine submission to the last output |
@@ -14,6 +14,9 @@ by attention `strategy`.
 | `attnserve:requests_in_flight` | gauge | | generation requests running or queued (what `--max-concurrent-requests` bounds) |
 | `attnserve:max_concurrent_requests` | gauge | | the configured bound (0: none) |
 | `attnserve:kv_cache_blocks_used` / `attnserve:kv_cache_blocks_total` | gauge | | KV blocks held, from vLLM's accounting (`vllm:kv_cache_usage_perc` x the engine's block count) |
+| `attnserve:strategy_memory_reserved_bytes` | gauge | strategy | the strategies' own buffers (outside the KV cache) reserved by the requests in flight (server/resources.py) |
+| `attnserve:strategy_memory_held_bytes` | gauge | strategy | the bytes those buffers hold now in the workers (summed over workers; read at scrape time) |
+| `attnserve:strategy_memory_limit_bytes` | gauge | | the bound on the reserved bytes (`--strategy-memory-gib`; 0: none) |
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from vllm.v1.metrics.prometheus import get_prometheus_registry
 # Request outcomes (`status` of attnserve:requests_total).
 OK = "ok"
 BAD_INPUT = "bad_input"
+OVERLOAD = "overload"
 TIMEOUT = "timeout"
 ABORTED = "aborted"
 ERROR = "error"
@@ -36,12 +40,13 @@ REJECT_OVERLOAD = "overload"
 REJECT_TIMEOUT = "timeout"
 REJECT_BAD_INPUT = "bad_input"
 REJECT_DRAINING = "draining"
-REJECT_REASONS = (REJECT_AUTH, REJECT_OVERLOAD, REJECT_TIMEOUT, REJECT_BAD_INPUT, REJECT_DRAINING)
+REJECT_MEMORY = "memory"
+REJECT_REASONS = (REJECT_AUTH, REJECT_OVERLOAD, REJECT_TIMEOUT, REJECT_BAD_INPUT, REJECT_DRAINING, REJECT_MEMORY)
 
 # Error reasons (attnserve:request_errors_total): the non-ok statuses, `error` split in two.
 ENGINE_DEAD = "engine_dead"
 ENGINE_ERROR = "engine_error"
-ERROR_REASONS = (BAD_INPUT, TIMEOUT, ABORTED, ENGINE_DEAD, ENGINE_ERROR)
+ERROR_REASONS = (BAD_INPUT, OVERLOAD, TIMEOUT, ABORTED, ENGINE_DEAD, ENGINE_ERROR)
 
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0,
                 80.0, 160.0, 320.0, 640.0)
@@ -66,7 +71,7 @@ class _Metrics:
             labelnames=["strategy", "reason"], registry=registry)
         self.rejected = Counter(
             "attnserve:requests_rejected",
-            "Requests refused by the server, by reason (auth, overload, timeout, bad_input, "
+            "Requests refused by the server, by reason (auth, overload, memory, timeout, bad_input, "
             "draining).",
             labelnames=["reason"], registry=registry)
         self.ttft = Histogram(
@@ -95,6 +100,15 @@ class _Metrics:
             registry=registry)
         self.kv_collector = _KVBlocksCollector()
         registry.register(self.kv_collector)
+        self.state_reserved = Gauge(
+            "attnserve:strategy_memory_reserved_bytes",
+            "Bytes of the strategies' own buffers (outside the KV cache) reserved by requests in flight.",
+            labelnames=["strategy"], registry=registry)
+        self.state_limit = Gauge(
+            "attnserve:strategy_memory_limit_bytes",
+            "The bound on the strategies' reserved buffer bytes (--strategy-memory-gib; 0: none).",
+            registry=registry)
+        registry.register(_HeldBytesCollector())
         self._export_zero_series()
 
     def _export_zero_series(self) -> None:
@@ -107,8 +121,9 @@ class _Metrics:
         for strategy in names():
             for reason in ERROR_REASONS:
                 self.errors.labels(strategy=strategy, reason=reason)
-            for status in (OK, BAD_INPUT, TIMEOUT, ABORTED, ERROR):
+            for status in (OK, BAD_INPUT, OVERLOAD, TIMEOUT, ABORTED, ERROR):
                 self.requests.labels(strategy=strategy, status=status)
+            self.state_reserved.labels(strategy=strategy).set(0)
 
 
 class _KVBlocksCollector(Collector):
@@ -133,6 +148,25 @@ class _KVBlocksCollector(Collector):
         yield total
 
 
+class _HeldBytesCollector(Collector):
+    """The strategies' buffer bytes held in the workers, from their live-state files
+    (strategies.engine.stats), summed over workers; read at scrape time."""
+
+    def collect(self):
+        from strategies.engine import stats
+
+        held: dict[str, int] = {}
+        for record in stats.read_live_state():
+            for strategy, nbytes in (record.get("held_bytes") or {}).items():
+                held[strategy] = held.get(strategy, 0) + int(nbytes)
+        family = GaugeMetricFamily("attnserve:strategy_memory_held_bytes",
+                                   "Bytes the strategies' own buffers hold in the workers now.",
+                                   labels=["strategy"])
+        for strategy, nbytes in sorted(held.items()):
+            family.add_metric([strategy], float(nbytes))
+        yield family
+
+
 def _vllm_kv_usage() -> float | None:
     registry = get_prometheus_registry()
     collector = registry._names_to_collectors.get("vllm:kv_cache_usage_perc")  # noqa: SLF001
@@ -146,11 +180,13 @@ def _vllm_kv_usage() -> float | None:
 _metrics: _Metrics | None = None
 
 
-def init_metrics(max_concurrent_requests: int | None = None, kv_blocks: int | None = None) -> None:
+def init_metrics(max_concurrent_requests: int | None = None, kv_blocks: int | None = None,
+                 state_bytes_limit: int | None = None) -> None:
     global _metrics
     if _metrics is None:
         _metrics = _Metrics()
     _metrics.max_concurrent.set(max_concurrent_requests or 0)
+    _metrics.state_limit.set(state_bytes_limit or 0)
     if kv_blocks:
         _metrics.kv_collector.num_blocks = int(kv_blocks)
 
@@ -186,6 +222,11 @@ def observe_latency(strategy: str, ttft: float | None, tpot: float | None, e2e: 
 def observe_attended_fraction(strategy: str, fraction: float | None) -> None:
     if _metrics is not None and fraction is not None:
         _metrics.attended_fraction.labels(strategy=strategy).observe(fraction)
+
+
+def set_state_bytes_reserved(strategy: str, nbytes: int) -> None:
+    if _metrics is not None:
+        _metrics.state_reserved.labels(strategy=strategy).set(nbytes)
 
 
 def set_in_flight(count: int) -> None:

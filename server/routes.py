@@ -33,8 +33,10 @@ from server.attention import (
     extra_args_for,
     pop_attention_request,
 )
-from server.config import DEFAULT_STRATEGY, ServeSettings
+from server.config import ServeSettings
 from server.errors import bad_request, error_response
+from server.production import RETRY_AFTER_S
+from server.resources import StateLedger, request_state_bytes
 from strategies.base import ParamError
 from server.forcing import (
     FORCE_TOKENS_KEY,
@@ -254,6 +256,8 @@ class RequestTracker:
     def finish_error_code(self, code: int) -> None:
         if code == HTTPStatus.GATEWAY_TIMEOUT:
             self.finish(metrics.TIMEOUT)
+        elif code == HTTPStatus.TOO_MANY_REQUESTS:
+            self.finish(metrics.OVERLOAD)
         elif code < HTTPStatus.INTERNAL_SERVER_ERROR:
             self.finish(metrics.BAD_INPUT)
         else:
@@ -301,7 +305,8 @@ def respond(
         name_error_param(result, request)
         if tracker is not None:
             tracker.finish_error_code(result.error.code)
-        return JSONResponse(content=result.model_dump(), status_code=result.error.code)
+        headers = {"retry-after": str(RETRY_AFTER_S)} if result.error.code == HTTPStatus.TOO_MANY_REQUESTS else None
+        return JSONResponse(content=result.model_dump(), status_code=result.error.code, headers=headers)
     if isinstance(result, pydantic.BaseModel):
         content = result.model_dump()
         content["attention"] = attention_report(choice, engine_ids)
@@ -475,19 +480,30 @@ async def list_strategies(raw_request: Request):
 
 
 class ObservedEngineClient:
-    """The engine client as the serving classes see it: `generate` times each engine request
-    (first token, per output token, end) for attnserve's per-strategy histograms; everything else
-    is the engine client's own."""
+    """The engine client as the serving classes see it: `generate` holds each engine request's
+    reservation of the strategies' buffers (server/resources.py) while it runs and times it (first
+    token, per output token, end) for attnserve's per-strategy histograms; everything else is the
+    engine client's own."""
 
-    def __init__(self, inner: Any):
+    def __init__(self, inner: Any, ledger: StateLedger | None = None, model: Any = None):
         self._inner = inner
+        self._ledger = ledger or StateLedger()
+        self._model = model
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
 
     async def generate(self, prompt: Any, sampling_params: Any, request_id: str, *args, **kwargs):
         extra = getattr(sampling_params, "extra_args", None) or {}
-        strategy = (extra.get("attention") or {}).get("strategy", DEFAULT_STRATEGY)
+        strategy, nbytes, budget_field = request_state_bytes(
+            extra, prompt_length(prompt, self._model), getattr(sampling_params, "max_tokens", None),
+            getattr(sampling_params, "n", 1) or 1, self._model)
+        async with self._ledger.hold(strategy, nbytes, budget_field):
+            async for output in self._observed(prompt, sampling_params, request_id, strategy, *args, **kwargs):
+                yield output
+
+    async def _observed(self, prompt: Any, sampling_params: Any, request_id: str, strategy: str, *args,
+                        **kwargs):
         start = time.monotonic()
         first = last = None
         tokens = 0
@@ -527,6 +543,18 @@ def observe_request_latency(strategy: str, output: Any, start: float, first: flo
     metrics.observe_latency(strategy, ttft, tpot, end - start)
 
 
-def observe_engine_client(handler: Any) -> None:
+def prompt_length(prompt: Any, model: Any) -> int:
+    """Tokens of an engine request's prompt (token ids or embeddings); unknown forms count as the model's
+    whole length (the reservation is then an upper bound)."""
+    ids = prompt.get("prompt_token_ids") if isinstance(prompt, dict) else getattr(prompt, "prompt_token_ids", None)
+    if ids is not None:
+        return len(ids)
+    embeds = prompt.get("prompt_embeds") if isinstance(prompt, dict) else None
+    if embeds is not None and hasattr(embeds, "shape"):
+        return int(embeds.shape[0])
+    return model.max_model_len if model is not None else 0
+
+
+def observe_engine_client(handler: Any, ledger: StateLedger | None = None, model: Any = None) -> None:
     if not isinstance(handler.engine_client, ObservedEngineClient):
-        handler.engine_client = ObservedEngineClient(handler.engine_client)
+        handler.engine_client = ObservedEngineClient(handler.engine_client, ledger, model)

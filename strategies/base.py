@@ -10,8 +10,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import types
 import typing
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Optional, Union
@@ -304,6 +306,12 @@ class ModelFacts:
         return (self.routed_layers * pairs + n_window * self.window_step_pairs(query_len, seq_len)) / self.local_layers
 
     @property
+    def kv_bytes_per_token(self) -> int:
+        """K and V of one token over this worker's layers and KV heads, in the model's dtype."""
+        return 2 * self.num_kv_heads * self.head_size * torch.empty((), dtype=self.dtype).element_size() \
+            * self.local_layers
+
+    @property
     def group_size(self) -> int:
         return self.num_q_heads // self.num_kv_heads
 
@@ -495,6 +503,20 @@ def step_pairs(query_len: int, seq_len: int) -> float:
     return float(seq_len) if query_len == 1 else float(causal_pairs(seq_len - query_len, seq_len))
 
 
+def tensor_bytes(tensors: Iterable[Optional[Tensor]]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+# The server's bound on the strategies' own buffers (bytes, the whole model), for the workers: a buffer
+# pool never grows past it (server/resources.py reserves the bytes of each request before it runs).
+STATE_BYTES_LIMIT_ENV = "ATTNSERVE_STATE_BYTES_LIMIT"
+
+
+def state_bytes_limit() -> Optional[int]:
+    value = os.environ.get(STATE_BYTES_LIMIT_ENV, "")
+    return int(value) if value.isdigit() and int(value) > 0 else None
+
+
 @dataclass
 class AttentionUsage:
     """Attended / total (query, key) pairs of one request, means over layers and KV heads: all its
@@ -608,6 +630,17 @@ class Strategy:
         ``window`` ones, so the scheduler gives the blocks between them back to vLLM's pool (``releases_kv``;
         strategies/engine/kv_release.py); None (the default) when any token may be read again."""
         return None
+
+    @classmethod
+    def request_state_bytes(cls, params: StrategyParams, context_len: int, model: ModelFacts) -> int:
+        """Bytes of this strategy's own buffers (outside vLLM's KV cache) that one request holds when its
+        context reaches ``context_len`` tokens, over ``model``'s heads and layers: what the server reserves
+        before the request runs (server/resources.py). 0 (the default): nothing that grows per request."""
+        return 0
+
+    def held_bytes(self) -> int:
+        """Bytes of the tensors this strategy instance holds now (every request, this worker): /metrics."""
+        return 0
 
     @classmethod
     def validate_for_model(cls, params: StrategyParams, model: ModelFacts) -> None:

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from strategies.base import (Budget, ModelFacts, ParamError, RowGroup, StepCount, StepRows, Strategy,
                              StrategyParams, budget_tokens, dense_indices, group_rows_by, param, resolve_budget,
-                             split_rows)
+                             split_rows, tensor_bytes)
 from strategies.full import run_prefill
 from strategies.reference import Q8_SCALE_BYTES
 from strategies.registry import register
@@ -201,5 +201,10 @@ class LandmarkStrategy(Strategy):
                     self.summarised[plan.count.request_ids[i]] = seq_len
         super().finish_step(plan)
 
+    def held_bytes(self) -> int:
+        return tensor_bytes(t for pair in self.summaries.values() for t in pair)
+
     def reset(self, request_id: str) -> None:
         self.summarised.pop(request_id, None)
+        if not self.summarised:     # idle: the summaries (sized by the KV cache) go; a new request re-summarises
+            self.summaries.clear()

@@ -10,7 +10,9 @@ buffer (the "recycled" cache, ``ops.gather_kv``), and each step in between appen
 those steps read one contiguous buffer instead of scattered tokens of vLLM's paged cache (whose CPU K
 layout is token-contiguous per page, so a lone token costs a cache line per head dim). The buffers are
 pages of a per-layer pool owned by this strategy: about k + stride tokens per request, layer and KV
-head (1/8 of the KV cache at k = 1/8), returned when the request ends.
+head (1/8 of the KV cache at k = 1/8), returned when the request ends. The server reserves a request's
+pages before it runs, within its bound (``--strategy-memory-gib``, server/resources.py); the pool never grows
+past that bound, shrinks when at most a quarter of it is in use and is freed when no request holds pages.
 
 Dynamic refresh (the paper's dynamic variant): the query is per layer, so the decision is per layer
 from that layer's query: when cosine(q, q at the layer's last full step) < ``refresh_threshold`` (the
@@ -30,7 +32,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from strategies.base import (Budget, ModelFacts, ParamError, RowGroup, StepCount, StepRows, Strategy, StrategyParams,
-                             budget_tokens, dense_indices, param, resolve_budget, split_rows)
+                             budget_tokens, dense_indices, param, resolve_budget, split_rows, state_bytes_limit,
+                             tensor_bytes)
 from strategies.full import run_prefill
 from strategies.registry import register
 
@@ -110,6 +113,21 @@ class RecycledStrategy(Strategy):
 
     POOL_PAGE = 64      # tokens per page of the recycled-KV pool
 
+    @classmethod
+    def pool_page_bytes(cls, model: ModelFacts) -> int:
+        """One pool page in every routed layer of ``model``: K and V of POOL_PAGE tokens per KV head."""
+        itemsize = torch.empty((), dtype=model.dtype).element_size()
+        return 2 * cls.POOL_PAGE * model.num_kv_heads * model.head_size * itemsize * model.routed_layers
+
+    @classmethod
+    def pool_pages_for(cls, params: Params, seq_len: int) -> int:
+        """Pages a request holds at ``seq_len``: the selection plus the tokens until the next full step."""
+        return -(-(resolve_budget(params.k, seq_len) + params.stride + 1) // cls.POOL_PAGE)
+
+    @classmethod
+    def request_state_bytes(cls, params: Params, context_len: int, model: ModelFacts) -> int:
+        return cls.pool_pages_for(params, context_len) * cls.pool_page_bytes(model)
+
     def __init__(self, model):
         super().__init__(model)
         self.states: dict[str, RecycledState] = {}
@@ -117,26 +135,33 @@ class RecycledStrategy(Strategy):
         self.free_pages: list[int] = []
         self.pools: dict[int, tuple[Tensor, Tensor]] = {}      # layer -> (K, V) [pages, Hkv, POOL_PAGE, D]
                                                                # views; K strided like the KV cache's K
+        # the server's bound on the whole model's pool (pages are the same count in every rank and stage)
+        limit = state_bytes_limit()
+        self.max_pool_pages = limit // self.pool_page_bytes(model.whole_model()) if limit else None
+
+    def held_bytes(self) -> int:
+        return tensor_bytes(t for pool in self.pools.values() for t in pool)
 
     def _reserve(self, state: RecycledState, tokens: int) -> None:
-        """Give ``state`` pool pages for ``tokens`` tokens per layer and KV head (the pool grows by doubling;
-        each layer's tensors follow on their next use)."""
+        """Give ``state`` pool pages for ``tokens`` tokens per layer and KV head. The pool grows by doubling,
+        up to the server's bound (beyond it only by what is needed: the server admits requests within it);
+        each layer's tensors follow on their next use."""
         needed = -(-tokens // self.POOL_PAGE) - len(state.pages)
         if needed <= 0:
             return
         if len(self.free_pages) < needed:
-            grown = max(2 * self.pool_pages, self.pool_pages + needed - len(self.free_pages))
+            at_least = self.pool_pages + needed - len(self.free_pages)
+            doubled = 2 * self.pool_pages
+            if self.max_pool_pages is not None:
+                doubled = min(doubled, self.max_pool_pages)
+            grown = max(doubled, at_least)
             self.free_pages.extend(range(self.pool_pages, grown))
             self.pool_pages = grown
         state.pages.extend(self.free_pages[-needed:])
         del self.free_pages[-needed:]
 
-    def _pool(self, layer: int, key_cache: Tensor) -> tuple[Tensor, Tensor]:
-        found = self.pools.get(layer)
-        usable = found is not None and found[0].dtype == key_cache.dtype and found[0].device == key_cache.device
-        if usable and found[0].shape[0] == self.pool_pages:
-            return found
-        shape = (self.pool_pages, self.model.num_kv_heads, self.POOL_PAGE, key_cache.shape[3])
+    def _new_pool(self, pages: int, key_cache: Tensor) -> tuple[Tensor, Tensor]:
+        shape = (pages, self.model.num_kv_heads, self.POOL_PAGE, key_cache.shape[3])
         options = dict(dtype=key_cache.dtype, device=key_cache.device)
         if key_cache.stride(2) == 1 and key_cache.stride(3) != 1:
             # K in the cache's own layout (vLLM CPU: token-contiguous per page), so that decode over the
@@ -144,12 +169,44 @@ class RecycledStrategy(Strategy):
             pool_key = torch.zeros(shape[0], shape[1], shape[3], shape[2], **options).transpose(2, 3)
         else:
             pool_key = torch.zeros(shape, **options)
-        pool = (pool_key, torch.zeros(shape, **options))
+        return pool_key, torch.zeros(shape, **options)
+
+    def _pool(self, layer: int, key_cache: Tensor) -> tuple[Tensor, Tensor]:
+        found = self.pools.get(layer)
+        usable = found is not None and found[0].dtype == key_cache.dtype and found[0].device == key_cache.device
+        if usable and found[0].shape[0] == self.pool_pages:
+            return found
+        pool = self._new_pool(self.pool_pages, key_cache)
         if usable:      # the pool grew: keep the buffers already filled
-            pool[0][:found[0].shape[0]] = found[0]
-            pool[1][:found[1].shape[0]] = found[1]
+            kept = min(found[0].shape[0], self.pool_pages)
+            pool[0][:kept] = found[0][:kept]
+            pool[1][:kept] = found[1][:kept]
         self.pools[layer] = pool
         return pool
+
+    def _shrink(self) -> None:
+        """Between steps, after a request let its pages go: with none in use the pools are freed; with at
+        most a quarter in use the live pages move to the front and the pools shrink to twice that."""
+        live = sorted(p for state in self.states.values() for p in state.pages)
+        if not live:
+            self.pools.clear()
+            self.pool_pages, self.free_pages = 0, []
+            return
+        if len(live) * 4 > self.pool_pages:
+            return
+        size = 2 * len(live)
+        for layer, (pool_k, pool_v) in list(self.pools.items()):
+            # a layer that has not run since the pool last grew holds nothing yet in the pages past its size
+            last = pool_k.shape[0] - 1
+            source = torch.tensor([min(p, last) for p in live], dtype=torch.int64, device=pool_k.device)
+            pool = self._new_pool(size, pool_k)
+            pool[0][:len(live)] = pool_k.index_select(0, source)
+            pool[1][:len(live)] = pool_v.index_select(0, source)
+            self.pools[layer] = pool
+        moved = {old: new for new, old in enumerate(live)}
+        for state in self.states.values():
+            state.pages = [moved[p] for p in state.pages]
+        self.pool_pages, self.free_pages = size, list(range(len(live), size))
 
     def plan(self, rows: StepRows) -> RecycledPlan:
         decode, prefill = split_rows(rows)
@@ -291,6 +348,7 @@ class RecycledStrategy(Strategy):
         state = self.states.pop(request_id, None)
         if state is not None:
             self.free_pages.extend(state.pages)
+            self._shrink()
 
     def state(self, request_id: str) -> Optional[RecycledState]:
         return self.states.get(request_id)

@@ -35,7 +35,8 @@ import torch
 from torch import Tensor
 
 from strategies.base import (Budget, ModelFacts, ParamError, RowGroup, StepCount, StepRows, Strategy,
-                             StrategyParams, budget_tokens, group_rows_by, param, resolve_budget, split_rows)
+                             StrategyParams, budget_tokens, group_rows_by, param, resolve_budget, split_rows,
+                             tensor_bytes)
 from strategies.full import run_prefill
 from strategies.registry import register
 
@@ -581,6 +582,15 @@ class SeerStrategy(Strategy):
                 self.projected_upto[plan.count.request_ids[i]] = seq_len
         super().finish_step(plan)
 
+    def held_bytes(self) -> int:
+        """The per-page caches; not the gate weights (model parameters: a few MiB per gate file in use, from
+        the server-side set only)."""
+        return tensor_bytes([*self.pooled.values(), *self.gate_keys.values()])
+
     def reset(self, request_id: str) -> None:
         self.pooled_upto.pop(request_id, None)
         self.projected_upto.pop(request_id, None)
+        if not self.pooled_upto and not self.projected_upto:
+            # idle: the per-page caches (sized by the KV cache) go; a new request pools and projects again
+            self.pooled.clear()
+            self.gate_keys.clear()

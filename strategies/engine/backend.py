@@ -122,6 +122,7 @@ class Router:
         self.recently_released: deque[str] = deque(maxlen=4096)
         self.stats: Optional[stats_io.StatsWriter] = None
         self.tracked_changed = False
+        self.last_held: dict[str, int] = {}           # strategy -> buffer bytes, as last written for /metrics
         self.unavailable: Optional[str] = None        # why no strategy but full can run in this worker
         self.unroutable_steps = 0
 
@@ -262,6 +263,10 @@ class Router:
     def finish_step(self, meta: RoutedMetadata) -> None:
         for group in meta.groups:
             group.strategy.finish_step(group.plan)
+        if self.stats is not None and meta.groups:
+            held = self.held_bytes()
+            if held != self.last_held:      # a buffer grew (or shrank): /metrics reads it from the live file
+                self.tracked_changed = True
         if self.stats is not None:
             for request_id, name in meta.stats_rows:
                 choice = self.choices.get(request_id)
@@ -280,9 +285,15 @@ class Router:
                 if isinstance(value, dict):
                     leaked += sum(1 for k in value if isinstance(k, str) and k in released)
         leaked += sum(1 for k in self.dense_usage if k not in self.choices)
+        self.last_held = self.held_bytes()
         return {"pid": os.getpid(), "tracked": len(self.choices), "leaked": leaked,
                 "per_strategy": {n: sum(1 for c in self.choices.values() if c.strategy == n)
-                                 for n in self.strategies}}
+                                 for n in self.strategies},
+                "held_bytes": self.last_held}
+
+    def held_bytes(self) -> dict[str, int]:
+        """Bytes of the strategies' own buffers in this worker, by strategy."""
+        return {name: strategy.held_bytes() for name, strategy in self.strategies.items()}
 
 
 ROUTER = Router()

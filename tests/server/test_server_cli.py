@@ -108,9 +108,27 @@ def test_production_defaults(embedded_model_dir, monkeypatch):
 
 
 @pytest.mark.parametrize("bad", ["-1", "abc"])
-def test_bounds_reject_bad_values(bad):
+@pytest.mark.parametrize("flag", ["--max-concurrent-requests", "--strategy-memory-gib", "--strategy-memory-wait"])
+def test_bounds_reject_bad_values(flag, bad):
     with pytest.raises(SystemExit):
-        build_parser().parse_args(["serve", "--max-concurrent-requests", bad])
+        build_parser().parse_args(["serve", flag, bad])
+
+
+def test_strategy_memory_bound_defaults_to_the_kv_space(embedded_model_dir):
+    from server import config
+
+    def settings(*extra):
+        return serve_settings(build_parser().parse_args(["serve", "--model", str(embedded_model_dir), *extra]))
+
+    default = settings("--kv-cache-gib", "3")
+    assert default.strategy_memory_bytes() == 3 * config.GiB
+    assert default.strategy_memory_wait == config.DEFAULT_STRATEGY_MEMORY_WAIT_S
+    given = settings("--kv-cache-gib", "3", "--strategy-memory-gib", "0.5", "--strategy-memory-wait", "0")
+    assert given.strategy_memory_bytes() == config.GiB // 2 and given.strategy_memory_wait == 0
+    assert settings("--strategy-memory-gib", "none").strategy_memory_bytes() is None     # no bound
+    # a cache sized by vLLM itself (GPU memory utilisation): the engine's KV space
+    sized_by_engine = settings("--kv-cache-gib", "0")
+    assert sized_by_engine.kv_cache_gib is None and sized_by_engine.strategy_memory_bytes(12345) == 12345
 
 
 def test_ray_backend_is_passed_through_to_vllm(embedded_model_dir):

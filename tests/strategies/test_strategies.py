@@ -307,9 +307,14 @@ def test_release_drops_all_state(gates_dir):
         params = registry.get(name).Params.from_dict({"gates": "identity"} if name == "seer" else {})
         run_step(strategy, step_rows([params] * 2, [90, 1], seq_lens, table), random_query(91, 13), kv)
         run_step(strategy, step_rows([params] * 2, [1, 1], [91, 141], table), random_query(2, 14), kv)
+        held = strategy.held_bytes()
         for rid in ("req-0", "req-1"):
             strategy.release(rid)
         assert_no_request_state(strategy, ["req-0", "req-1"])
+        # idle: the buffers that scale with requests or the KV cache are gone
+        assert strategy.held_bytes() == 0, (name, held)
+        if name in ("recycled", "landmark", "seer"):
+            assert held > 0, name
 
 
 def test_embedded_model_shapes_one_step(gates_dir):
