@@ -334,8 +334,9 @@ def server_metrics() -> dict[str, set[str]]:
                              source, re.S):
         labels = re.search(r"labelnames=\[([^\]]*)\]", match.group(2))
         found[match.group(1)] = set(re.findall(r'"(\w+)"', labels.group(1))) if labels else set()
-    for name in re.findall(r'GaugeMetricFamily\(\s*"(attnserve:\w+)"', source):
-        found[name] = set()
+    for match in re.finditer(r'GaugeMetricFamily\(\s*"(attnserve:\w+)",\s*"[^"]*"\s*(?:"[^"]*"\s*)*(,\s*labels=\[[^\]]*\])?',
+                             source):
+        found[match.group(1)] = set(re.findall(r'"(\w+)"', match.group(2) or ""))
     assert found, "server/metrics.py changed shape"
     return found
 
