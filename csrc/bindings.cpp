@@ -25,10 +25,11 @@ TORCH_LIBRARY(attnserve, m) {
   m.def(
       "landmark_update_summaries(Tensor key_cache, Tensor block_table, Tensor start_pos, "
       "Tensor seq_lens, int chunk, Tensor(a!) kmin, Tensor(b!) kmax) -> ()");
-  // -> (token_idx [B, Hkv, K], num_idx [B, Hkv]), K = min((k_chunks + 2) * chunk, MB * page)
+  // -> (token_idx [B, Hkv, K], num_idx [B, Hkv]), K = min((k_chunks + 2) * chunk, MB * page);
+  // group_max: a chunk's score for a KV head is the max of its query heads' bounds, else their sum
   m.def(
       "landmark_select(Tensor query, Tensor kmin, Tensor kmax, Tensor block_table, "
-      "Tensor seq_lens, int chunk, int k_chunks) -> (Tensor, Tensor)");
+      "Tensor seq_lens, int chunk, int k_chunks, bool group_max=False) -> (Tensor, Tensor)");
   // pooled [num_blocks, Hkv, page / pool, 3 * D] fp32 = (max, min, mean), updated in place
   m.def(
       "seer_pool_keys(Tensor key_cache, Tensor block_table, Tensor start_pos, Tensor seq_lens, "

@@ -143,7 +143,7 @@ if extension_loaded():
         return None
 
     @torch.library.register_fake("attnserve::landmark_select")
-    def _(query, kmin, kmax, block_table, seq_lens, chunk, k_chunks):
+    def _(query, kmin, kmax, block_table, seq_lens, chunk, k_chunks, group_max=False):
         B, Hkv = query.shape[0], kmin.shape[1]
         K = _landmark_k(block_table, kmin, chunk, k_chunks)
         return (query.new_empty((B, Hkv, K), dtype=torch.int32),
@@ -205,10 +205,11 @@ def landmark_update_summaries(key_cache: Tensor, block_table: Tensor, start_pos:
 
 
 def landmark_select(query: Tensor, kmin: Tensor, kmax: Tensor, block_table: Tensor,
-                    seq_lens: Tensor, chunk: int, k_chunks: int) -> tuple[Tensor, Tensor]:
-    """-> (token_idx [B, Hkv, min((k_chunks + 2) * chunk, MB * page)], num_idx [B, Hkv])."""
+                    seq_lens: Tensor, chunk: int, k_chunks: int, group_max: bool = False) -> tuple[Tensor, Tensor]:
+    """-> (token_idx [B, Hkv, min((k_chunks + 2) * chunk, MB * page)], num_idx [B, Hkv]); ``group_max``: a
+    chunk's score is the max of the group's query heads' bounds, else their sum."""
     return _op("landmark_select", query.device)(
-        query, kmin, kmax, block_table, seq_lens, int(chunk), int(k_chunks))
+        query, kmin, kmax, block_table, seq_lens, int(chunk), int(k_chunks), bool(group_max))
 
 
 def seer_pool_keys(key_cache: Tensor, block_table: Tensor, start_pos: Tensor, seq_lens: Tensor,

@@ -175,10 +175,11 @@ def _top_with_forced(scores: Tensor, k: int, forced: list[int]) -> Tensor:
 
 
 def landmark_select(query: Tensor, kmin: Tensor, kmax: Tensor, block_table: Tensor,
-                    seq_lens: Tensor, chunk: int, k_chunks: int) -> tuple[Tensor, Tensor]:
+                    seq_lens: Tensor, chunk: int, k_chunks: int, group_max: bool = False) -> tuple[Tensor, Tensor]:
     """Quest selection: score chunk c of KV head g by sum over the group's heads and d of
     max(q_d * kmax_d, q_d * kmin_d), computed folded over the group (as the kernels do; equal
     since kmax >= kmin): kmax . P + kmin . N with P = sum_h max(q_h, 0), N = sum_h min(q_h, 0);
+    with ``group_max``, the max over the group's heads h of that bound for h alone;
     keep the first and the newest chunk plus the k_chunks best of the others. Returns their tokens
     (< seq_len, ascending) as (token_idx [B, Hkv, K], num_idx [B, Hkv]) with
     K = min((k_chunks + 2) * chunk, MB * page)."""
@@ -195,9 +196,13 @@ def landmark_select(query: Tensor, kmin: Tensor, kmax: Tensor, block_table: Tens
         lo = summary_values(kmin[blocks, :, slots], D)                               # [n, Hkv, D]
         hi = summary_values(kmax[blocks, :, slots], D)
         q = query[b].float().view(Hkv, -1, D)                                     # [Hkv, G, D]
-        positive, negative = q.clamp(min=0).sum(dim=1), q.clamp(max=0).sum(dim=1)  # [Hkv, D]
-        scores = (torch.einsum("nhd,hd->hn", hi, positive)
-                  + torch.einsum("nhd,hd->hn", lo, negative))                     # [Hkv, n]
+        if group_max:
+            scores = (torch.einsum("nhd,hgd->hgn", hi, q.clamp(min=0))
+                      + torch.einsum("nhd,hgd->hgn", lo, q.clamp(max=0))).amax(dim=1)   # [Hkv, n]
+        else:
+            positive, negative = q.clamp(min=0).sum(dim=1), q.clamp(max=0).sum(dim=1)  # [Hkv, D]
+            scores = (torch.einsum("nhd,hd->hn", hi, positive)
+                      + torch.einsum("nhd,hd->hn", lo, negative))                     # [Hkv, n]
         for g in range(Hkv):
             forced = [0, n_chunks - 1] if n_chunks > 0 else []
             chosen.append(_top_with_forced(scores[g], k_chunks, forced) if n_chunks > 0

@@ -25,7 +25,8 @@ void landmark_update_summaries_cpu(const at::Tensor& key_cache, const at::Tensor
 
 std::tuple<at::Tensor, at::Tensor> landmark_select_cpu(
     const at::Tensor& query, const at::Tensor& kmin, const at::Tensor& kmax,
-    const at::Tensor& block_table, const at::Tensor& seq_lens, int64_t chunk, int64_t k_chunks);
+    const at::Tensor& block_table, const at::Tensor& seq_lens, int64_t chunk, int64_t k_chunks,
+    bool group_max);
 
 void seer_pool_keys_cpu(const at::Tensor& key_cache, const at::Tensor& block_table,
                         const at::Tensor& start_pos, const at::Tensor& seq_lens, int64_t pool,

@@ -376,7 +376,8 @@ void seer_pool_keys_cpu(const at::Tensor& key_cache, const at::Tensor& block_tab
 
 std::tuple<at::Tensor, at::Tensor> landmark_select_cpu(
     const at::Tensor& query, const at::Tensor& kmin, const at::Tensor& kmax,
-    const at::Tensor& block_table, const at::Tensor& seq_lens, int64_t chunk, int64_t k_chunks) {
+    const at::Tensor& block_table, const at::Tensor& seq_lens, int64_t chunk, int64_t k_chunks,
+    bool group_max) {
   check_int32(block_table, "block_table");
   check_int32(seq_lens, "seq_lens");
   const int B = query.size(0), Hq = query.size(1), D = query.size(2);
@@ -398,7 +399,7 @@ std::tuple<at::Tensor, at::Tensor> landmark_select_cpu(
   int32_t* num_ptr = num_idx.data_ptr<int32_t>();
   const int64_t table_stride = table.size(1);
   int64_t work = 0;
-  for (int b = 0; b < B; ++b) work += (int64_t)Hkv * D * 2 * ((len_ptr[b] + chunk - 1) / chunk);
+  for (int b = 0; b < B; ++b) work += (int64_t)Hkv * D * 2 * ((len_ptr[b] + chunk - 1) / chunk) * (group_max ? G : 1);
   const int threads = threads_for(work);
   const LandmarkScoresFn score_chunks = kmin.scalar_type() == at::kChar       ? pick_landmark_scores<int8_t>(D)
                                          : kmin.scalar_type() == at::kBFloat16 ? pick_landmark_scores<c10::BFloat16>(D)
@@ -409,21 +410,27 @@ std::tuple<at::Tensor, at::Tensor> landmark_select_cpu(
     const int seq_len = len_ptr[b];
     const int n_chunks = (seq_len + chunk - 1) / chunk;
     std::vector<float> scores(n_chunks);
-    // The group's queries [G, D] folded into P (positive parts) and N (negative parts).
+    // The group's queries [G, D] folded into P (positive parts) and N (negative parts): all of them
+    // (the sum of their bounds), or one head at a time (group_max: the max of their bounds).
     const float* q_group = q_ptr + (int64_t)bg * G * D;
     std::vector<float> folded(2 * D, 0.f);
     float* pos = folded.data();
     float* neg = pos + D;
+    const LandmarkScoring scoring{lo_ptr, hi_ptr, table_ptr + b * table_stride, Hkv, g, slots,
+                                  (int)chunk, page, D};
+    std::vector<float> head_scores(group_max ? n_chunks : 0);
     for (int h = 0; h < G; ++h) {
       const float* qh = q_group + h * D;
       for (int d = 0; d < D; ++d) {
-        pos[d] += std::max(qh[d], 0.f);
-        neg[d] += std::min(qh[d], 0.f);
+        pos[d] = (group_max || h == 0 ? 0.f : pos[d]) + std::max(qh[d], 0.f);
+        neg[d] = (group_max || h == 0 ? 0.f : neg[d]) + std::min(qh[d], 0.f);
       }
+      if (!group_max) continue;
+      score_chunks(scoring, pos, neg, n_chunks, h == 0 ? scores.data() : head_scores.data());
+      if (h > 0)
+        for (int c = 0; c < n_chunks; ++c) scores[c] = std::max(scores[c], head_scores[c]);
     }
-    const LandmarkScoring scoring{lo_ptr, hi_ptr, table_ptr + b * table_stride, Hkv, g, slots,
-                                  (int)chunk, page, D};
-    score_chunks(scoring, pos, neg, n_chunks, scores.data());
+    if (!group_max) score_chunks(scoring, pos, neg, n_chunks, scores.data());
     const auto chosen = n_chunks > 0 ? top_with_forced(scores, k_chunks, 0, n_chunks - 1)
                                      : std::vector<int>{};
     num_ptr[bg] = expand_chunks(chosen, chunk, seq_len, K, idx_ptr + (int64_t)bg * K);

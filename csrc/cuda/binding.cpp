@@ -330,7 +330,7 @@ std::tuple<at::Tensor, at::Tensor> landmark_select(const at::Tensor& query,
                                                    const at::Tensor& kmax,
                                                    const at::Tensor& block_table,
                                                    const at::Tensor& seq_lens, int64_t chunk,
-                                                   int64_t k_chunks) {
+                                                   int64_t k_chunks, bool group_max) {
   ATTNSERVE_DEVICE_GUARD(query);
   check_query(query, "query");
   const int64_t B = query.size(0), Hq = query.size(1), D = query.size(2);
@@ -379,6 +379,7 @@ std::tuple<at::Tensor, at::Tensor> landmark_select(const at::Tensor& query,
   args.max_tokens = static_cast<int>(K);
   args.token_idx = token_idx.data_ptr<int32_t>();
   args.num_idx = num_idx.data_ptr<int32_t>();
+  args.group_max = group_max;
   const int max_chunks = table.max_blocks * static_cast<int>(kmin.size(2));
   at::Tensor workspace = at::empty(
       {static_cast<int64_t>(landmark_select_workspace_floats(args.batch, args.num_kv_heads,

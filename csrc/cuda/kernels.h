@@ -150,6 +150,7 @@ struct LandmarkSelectArgs {
   int max_tokens;   // K = min((k_chunks + 2) * chunk, max_blocks * page)
   int32_t* token_idx;  // [B, Hkv, K] contiguous, 0 past num_idx
   int32_t* num_idx;    // [B, Hkv]
+  bool group_max;      // a chunk's score: the max of the group's query heads' bounds (else their sum)
 };
 
 // fp32 workspace: one score per (sequence, KV head, chunk).

@@ -19,11 +19,12 @@ constexpr int kScoreChunksPerBlock = 64;   // chunks (blocks) scored per block o
 // grid (ceil(max_chunks / kScoreChunksPerBlock), Hkv, B): chunk_scores[b, g, c] = Quest's bound
 // sum over the group's heads h and dims d of max(q_hd * kmax_d, q_hd * kmin_d); a warp per chunk.
 // Folded over the group (kmax >= kmin): kmax . P + kmin . N with P_d = sum_h max(q_hd, 0),
-// N_d = sum_h min(q_hd, 0), as the CPU kernel and the reference compute it.
+// N_d = sum_h min(q_hd, 0), as the CPU kernel and the reference compute it. With a.group_max, the
+// max over the group's heads of each head's own bound (P and N per head).
 template <typename T>
 __global__ void __launch_bounds__(kSelectThreads)
     landmark_score_kernel(const LandmarkSelectArgs a, float* chunk_scores, int max_chunks) {
-  float* folded = dynamic_shared_memory<float>();  // [2][D]: P, N
+  float* folded = dynamic_shared_memory<float>();  // [heads][2][D]: P, N (heads: G with group_max, else 1)
   const int kv_head = blockIdx.y, seq = blockIdx.z;
   const int seq_len = a.seq_lens[seq];
   const int n_chunks = min(ceil_div(max(seq_len, 0), a.chunk), max_chunks);
@@ -33,15 +34,23 @@ __global__ void __launch_bounds__(kSelectThreads)
   const int group_size = a.num_q_heads / a.num_kv_heads;
   const int D = a.head_size;
   const T* query = static_cast<const T*>(a.query) + seq * a.query_seq_stride;
+  const int heads = a.group_max ? group_size : 1;
   for (int d = threadIdx.x; d < D; d += kSelectThreads) {
     float positive = 0.f, negative = 0.f;
     for (int h = 0; h < group_size; ++h) {
       const float q = to_float(query[(kv_head * group_size + h) * a.query_head_stride + d]);
-      positive += fmaxf(q, 0.f);
-      negative += fminf(q, 0.f);
+      if (a.group_max) {
+        folded[h * 2 * D + d] = fmaxf(q, 0.f);
+        folded[h * 2 * D + D + d] = fminf(q, 0.f);
+      } else {
+        positive += fmaxf(q, 0.f);
+        negative += fminf(q, 0.f);
+      }
     }
-    folded[d] = positive;
-    folded[D + d] = negative;
+    if (!a.group_max) {
+      folded[d] = positive;
+      folded[D + d] = negative;
+    }
   }
   __syncthreads();
 
@@ -58,10 +67,14 @@ __global__ void __launch_bounds__(kSelectThreads)
                         kv_head * a.kmax.head_stride + slot * a.kmax.slot_stride;
     const float* low = a.kmin.data + block * a.kmin.block_stride +
                        kv_head * a.kmin.head_stride + slot * a.kmin.slot_stride;
-    float bound = 0.f;
-    for (int d = lane; d < D; d += 32) bound += high[d] * folded[d] + low[d] * folded[D + d];
-    bound = warp_sum(bound);
-    if (lane == 0) scores[c] = bound;
+    float best = -INFINITY;
+    for (int h = 0; h < heads; ++h) {
+      const float* p = folded + h * 2 * D;
+      float bound = 0.f;
+      for (int d = lane; d < D; d += 32) bound += high[d] * p[d] + low[d] * p[D + d];
+      best = fmaxf(best, warp_sum(bound));
+    }
+    if (lane == 0) scores[c] = best;
   }
 }
 
@@ -247,7 +260,8 @@ cudaError_t launch_landmark_select(const LandmarkSelectArgs& args, float* worksp
   if (args.chunk <= 0 || args.page % args.chunk != 0 || args.num_q_heads % args.num_kv_heads != 0)
     return cudaErrorInvalidValue;
   const int max_chunks = std::max(1, args.block_table.max_blocks * (args.page / args.chunk));
-  const size_t shared_bytes = sizeof(float) * 2 * args.head_size;  // P and N
+  const size_t shared_bytes =   // P and N, per query head with group_max
+      sizeof(float) * 2 * args.head_size * (args.group_max ? args.num_q_heads / args.num_kv_heads : 1);
   const dim3 score_grid(ceil_div(max_chunks, kScoreChunksPerBlock), args.num_kv_heads,
                         args.batch);
   const cudaError_t status = ATTNSERVE_DISPATCH_DTYPE(args.query_dtype, T, [&] {

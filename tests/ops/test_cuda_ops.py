@@ -165,9 +165,10 @@ def check_landmark(ops, device, dtype, group, head_size, seq_lens, chunk, k_chun
     query = torch.randint(-3, 4, (len(seq_lens), num_kv_heads * group, head_size),
                           generator=generator).to(dtype).to(device)
     for k in (0, 1, k_chunks, 10_000):
-        got = ops.landmark_select(query, kmin, kmax, table, lens, chunk, k)
-        expected = reference.landmark_select(query, kmin, kmax, table, lens, chunk, k)
-        same_selection(*got, *expected, f"{what} k_chunks={k}")
+        for group_max in (False, True):
+            got = ops.landmark_select(query, kmin, kmax, table, lens, chunk, k, group_max)
+            expected = reference.landmark_select(query, kmin, kmax, table, lens, chunk, k, group_max)
+            same_selection(*got, *expected, f"{what} k_chunks={k} group_max={group_max}")
 
 
 def check_seer(ops, device, dtype, num_kv_heads, gate_dim, num_blocks_list, pool, seq_lens,

@@ -32,6 +32,7 @@ def cases():
     yield attn.landmark_update_summaries, (kv.key_cache, kv.block_table, zeros, kv.seq_lens, 16,
                                            kmin, kmax)
     yield attn.landmark_select, (query, kmin, kmax, kv.block_table, kv.seq_lens, 16, 2)
+    yield attn.landmark_select, (query, kmin, kmax, kv.block_table, kv.seq_lens, 16, 2, True)
     yield attn.seer_pool_keys, (kv.key_cache, kv.block_table, zeros, kv.seq_lens, 16, pooled)
     yield attn.seer_select, (torch.randn(2, 2, 32), torch.randn(2, 2, 3, 32), nb, 64,
                              kv.seq_lens, 0.1, 0)

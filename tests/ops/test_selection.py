@@ -55,7 +55,8 @@ def assert_same_selection(tokens, count, ref_tokens, ref_count):
     (torch.float32, 3, 128, 64)])
 @pytest.mark.parametrize("k_chunks", [0, 3, 40, 1000])
 @pytest.mark.parametrize("summary_dtype", SUMMARY_DTYPES)
-def test_landmark_select_matches_reference(dtype, group, page, chunk, k_chunks, summary_dtype, cpu_isa):
+@pytest.mark.parametrize("group_max", [False, True], ids=["sum", "max"])
+def test_landmark_select_matches_reference(dtype, group, page, chunk, k_chunks, summary_dtype, group_max, cpu_isa):
     num_kv_heads = 2
     kv = make_paged_kv(SEQ_LENS, num_kv_heads, 64, page, dtype, seed=k_chunks)
     kmin = fresh_summaries(kv, chunk, dtype=summary_dtype)
@@ -63,7 +64,7 @@ def test_landmark_select_matches_reference(dtype, group, page, chunk, k_chunks, 
     attn.landmark_update_summaries(kv.key_cache, kv.block_table, torch.zeros(4, dtype=torch.int32),
                                    kv.seq_lens, chunk, kmin, kmax)
     query = torch.randn(len(SEQ_LENS), num_kv_heads * group, 64).to(dtype)
-    args = (query, kmin, kmax, kv.block_table, kv.seq_lens, chunk, k_chunks)
+    args = (query, kmin, kmax, kv.block_table, kv.seq_lens, chunk, k_chunks, group_max)
     tokens, count = attn.landmark_select(*args)
     ref_tokens, ref_count = reference.landmark_select(*args)
     assert tokens.shape == ref_tokens.shape
@@ -101,6 +102,31 @@ def test_int8_summaries_bound_the_keys_and_keep_quests_upper_bound():
                 bound = high[block, g, slot] @ positive[b, g] + low[block, g, slot] @ negative[b, g]
                 group_dots = query[b].view(2, 3, 64)[g] @ keys[t, g]       # the group's 3 heads
                 assert float(bound) >= float(group_dots.sum()) - 1e-4
+
+
+@pytest.mark.parametrize("summary_dtype", SUMMARY_DTYPES)
+def test_landmark_group_max_keeps_the_chunk_one_head_needs(summary_dtype, cpu_isa):
+    """One KV head, four query heads: head 0 points hard at chunk 4, heads 1-3 mildly at chunk 10.
+    Summed over the group, chunk 10 wins (3 x 4 > 10); with the group's max, head 0's chunk 4 does."""
+    page, chunk, head_size, seq_len = 128, 16, 64, 400
+    kv = make_paged_kv([seq_len], 1, head_size, page, torch.float32, seed=1)
+    keys = kv.key_cache
+    for t in range(seq_len):                       # quiet keys, two loud chunks
+        block, slot = int(kv.block_table[0, t // page]), t % page
+        keys[block, 0, slot] = 0.01 * keys[block, 0, slot]
+        if t // chunk in (4, 10):
+            keys[block, 0, slot, 4 if t // chunk == 4 else 5] = 1.0
+    kmin = fresh_summaries(kv, chunk, dtype=summary_dtype)
+    kmax = fresh_summaries(kv, chunk, dtype=summary_dtype)
+    attn.landmark_update_summaries(keys, kv.block_table, torch.zeros(1, dtype=torch.int32), kv.seq_lens, chunk,
+                                   kmin, kmax)
+    query = torch.zeros(1, 4, head_size)
+    query[0, 0, 4] = 10.0
+    query[0, 1:, 5] = 4.0
+    for group_max, wanted in ((False, 10), (True, 4)):
+        tokens, count = attn.landmark_select(query, kmin, kmax, kv.block_table, kv.seq_lens, chunk, 1, group_max)
+        chunks = sorted({int(t) // chunk for t in tokens[0, 0, :int(count[0, 0])]})
+        assert chunks == [0, wanted, (seq_len - 1) // chunk], (group_max, chunks)    # first, best, newest
 
 
 def test_landmark_with_every_chunk_equals_dense():
@@ -186,7 +212,8 @@ def test_topk_from_mass_matches_reference(k, positions):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("k_chunks", [0, 3, 40])
 @pytest.mark.parametrize("summary_dtype", SUMMARY_DTYPES)
-def test_landmark_select_gemma3_shape_matches_reference(dtype, k_chunks, summary_dtype, cpu_isa):
+@pytest.mark.parametrize("group_max", [False, True], ids=["sum", "max"])
+def test_landmark_select_gemma3_shape_matches_reference(dtype, k_chunks, summary_dtype, group_max, cpu_isa):
     """Gemma 3 270M: head size 256 (the generic scoring path), one KV head scoring a group of 4."""
     num_kv_heads, group, head_size, chunk = 1, 4, 256, 16
     kv = make_paged_kv(SEQ_LENS, num_kv_heads, head_size, 128, dtype, seed=k_chunks)
@@ -199,7 +226,7 @@ def test_landmark_select_gemma3_shape_matches_reference(dtype, k_chunks, summary
                                         kv.seq_lens, chunk, ref_min, ref_max)
     assert torch.equal(kmin, ref_min) and torch.equal(kmax, ref_max)
     query = torch.randn(len(SEQ_LENS), num_kv_heads * group, head_size).to(dtype)
-    args = (query, kmin, kmax, kv.block_table, kv.seq_lens, chunk, k_chunks)
+    args = (query, kmin, kmax, kv.block_table, kv.seq_lens, chunk, k_chunks, group_max)
     tokens, count = attn.landmark_select(*args)
     ref_tokens, ref_count = reference.landmark_select(*args)
     assert tokens.shape == ref_tokens.shape
