@@ -642,6 +642,10 @@ class Strategy:
         """Bytes of the tensors this strategy instance holds now (every request, this worker): /metrics."""
         return 0
 
+    def free_idle(self) -> None:
+        """No request of any strategy is left in this worker: free the buffers kept between requests (freeing
+        them whenever this strategy alone has none would reallocate them all the time under a mixed load)."""
+
     @classmethod
     def validate_for_model(cls, params: StrategyParams, model: ModelFacts) -> None:
         """Request-time checks that need the model (e.g. seer's gates); raise ParamError

@@ -215,5 +215,6 @@ class LandmarkStrategy(Strategy):
 
     def reset(self, request_id: str) -> None:
         self.summarised.pop(request_id, None)
-        if not self.summarised:     # idle: the summaries (sized by the KV cache) go; a new request re-summarises
-            self.summaries.clear()
+
+    def free_idle(self) -> None:
+        self.summaries.clear()      # sized by the KV cache; a new request summarises its tokens again

@@ -12,7 +12,7 @@ layout is token-contiguous per page, so a lone token costs a cache line per head
 pages of a per-layer pool owned by this strategy: about k + stride tokens per request, layer and KV
 head (1/8 of the KV cache at k = 1/8), returned when the request ends. The server reserves a request's
 pages before it runs, within its bound (``--strategy-memory-gib``, server/resources.py); the pool never grows
-past that bound, shrinks when at most a quarter of it is in use and is freed when no request holds pages.
+past that bound, shrinks when at most a quarter of it is in use and is freed when the worker has no request left.
 
 Dynamic refresh (the paper's dynamic variant): the query is per layer, so the decision is per layer
 from that layer's query: when cosine(q, q at the layer's last full step) < ``refresh_threshold`` (the
@@ -185,14 +185,11 @@ class RecycledStrategy(Strategy):
         return pool
 
     def _shrink(self) -> None:
-        """Between steps, after a request let its pages go: with none in use the pools are freed; with at
-        most a quarter in use the live pages move to the front and the pools shrink to twice that."""
+        """Between steps, after a request let its pages go: with at most a quarter in use (but some) the live
+        pages move to the front and the pools shrink to twice that. (Emptied, the pools stay for the next
+        request until the worker is idle: ``free_idle``.)"""
         live = sorted(p for state in self.states.values() for p in state.pages)
-        if not live:
-            self.pools.clear()
-            self.pool_pages, self.free_pages = 0, []
-            return
-        if len(live) * 4 > self.pool_pages:
+        if not live or len(live) * 4 > self.pool_pages:
             return
         size = 2 * len(live)
         for layer, (pool_k, pool_v) in list(self.pools.items()):
@@ -349,6 +346,11 @@ class RecycledStrategy(Strategy):
         if state is not None:
             self.free_pages.extend(state.pages)
             self._shrink()
+
+    def free_idle(self) -> None:
+        if not self.states:
+            self.pools.clear()
+            self.pool_pages, self.free_pages = 0, []
 
     def state(self, request_id: str) -> Optional[RecycledState]:
         return self.states.get(request_id)

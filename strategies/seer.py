@@ -590,7 +590,8 @@ class SeerStrategy(Strategy):
     def reset(self, request_id: str) -> None:
         self.pooled_upto.pop(request_id, None)
         self.projected_upto.pop(request_id, None)
-        if not self.pooled_upto and not self.projected_upto:
-            # idle: the per-page caches (sized by the KV cache) go; a new request pools and projects again
-            self.pooled.clear()
-            self.gate_keys.clear()
+
+    def free_idle(self) -> None:
+        # the per-page caches (sized by the KV cache); a new request pools and projects its tokens again
+        self.pooled.clear()
+        self.gate_keys.clear()

@@ -208,6 +208,9 @@ class Router:
         self.recently_released.append(request_id)
         if self.stats is not None:
             self.stats.finished(request_id)
+        if not self.choices:        # the worker is idle: the strategies' buffers go back to their floor
+            for idle in self.strategies.values():
+                idle.free_idle()
 
     # -- per step --------------------------------------------------------------------------------
     def step_request_ids(self, num_reqs: int) -> Optional[list[str]]:

@@ -1,6 +1,6 @@
 """`recycled`'s pool of recycled KV against the server's bound (strategies/base.py STATE_BYTES_LIMIT_ENV):
 what a request reserves, growth capped by the bound, shrinking with live buffers moved intact, and
-nothing held when idle."""
+nothing held once the worker is idle."""
 
 import torch
 
@@ -75,4 +75,6 @@ def test_pool_shrinks_keeping_live_buffers_and_is_freed_when_idle():
         out = run_step(strategy, rows, query, kv, layers=range(1))[0]
         torch.testing.assert_close(out, expected, **TOL)
     strategy.release("r3")
+    assert strategy.pool_pages == 4        # kept for the next request while the worker has others
+    strategy.free_idle()
     assert strategy.pool_pages == 0 and strategy.held_bytes() == 0 and not strategy.free_pages

@@ -311,7 +311,8 @@ def test_release_drops_all_state(gates_dir):
         for rid in ("req-0", "req-1"):
             strategy.release(rid)
         assert_no_request_state(strategy, ["req-0", "req-1"])
-        # idle: the buffers that scale with requests or the KV cache are gone
+        # the worker idle: the buffers that scale with requests or the KV cache are gone
+        strategy.free_idle()
         assert strategy.held_bytes() == 0, (name, held)
         if name in ("recycled", "landmark", "seer"):
             assert held > 0, name
