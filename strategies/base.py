@@ -308,8 +308,7 @@ class ModelFacts:
     @property
     def kv_bytes_per_token(self) -> int:
         """K and V of one token over this worker's layers and KV heads, in the model's dtype."""
-        return 2 * self.num_kv_heads * self.head_size * torch.empty((), dtype=self.dtype).element_size() \
-            * self.local_layers
+        return 2 * self.num_kv_heads * self.head_size * self.dtype.itemsize * self.local_layers
 
     @property
     def group_size(self) -> int:

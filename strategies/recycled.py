@@ -116,8 +116,7 @@ class RecycledStrategy(Strategy):
     @classmethod
     def pool_page_bytes(cls, model: ModelFacts) -> int:
         """One pool page in every routed layer of ``model``: K and V of POOL_PAGE tokens per KV head."""
-        itemsize = torch.empty((), dtype=model.dtype).element_size()
-        return 2 * cls.POOL_PAGE * model.num_kv_heads * model.head_size * itemsize * model.routed_layers
+        return 2 * cls.POOL_PAGE * model.num_kv_heads * model.head_size * model.dtype.itemsize * model.routed_layers
 
     @classmethod
     def pool_pages_for(cls, params: Params, seq_len: int) -> int:

@@ -410,27 +410,33 @@ std::tuple<at::Tensor, at::Tensor> landmark_select_cpu(
     const int seq_len = len_ptr[b];
     const int n_chunks = (seq_len + chunk - 1) / chunk;
     std::vector<float> scores(n_chunks);
-    // The group's queries [G, D] folded into P (positive parts) and N (negative parts): all of them
-    // (the sum of their bounds), or one head at a time (group_max: the max of their bounds).
+    // Query heads [h0, h1) of the group folded into P (positive parts) and N (negative parts).
     const float* q_group = q_ptr + (int64_t)bg * G * D;
-    std::vector<float> folded(2 * D, 0.f);
+    std::vector<float> folded(2 * D);
     float* pos = folded.data();
     float* neg = pos + D;
+    const auto fold = [&](int h0, int h1) {
+      std::fill(folded.begin(), folded.end(), 0.f);
+      for (int h = h0; h < h1; ++h) {
+        for (int d = 0; d < D; ++d) {
+          pos[d] += std::max(q_group[h * D + d], 0.f);
+          neg[d] += std::min(q_group[h * D + d], 0.f);
+        }
+      }
+    };
     const LandmarkScoring scoring{lo_ptr, hi_ptr, table_ptr + b * table_stride, Hkv, g, slots,
                                   (int)chunk, page, D};
-    std::vector<float> head_scores(group_max ? n_chunks : 0);
-    for (int h = 0; h < G; ++h) {
-      const float* qh = q_group + h * D;
-      for (int d = 0; d < D; ++d) {
-        pos[d] = (group_max || h == 0 ? 0.f : pos[d]) + std::max(qh[d], 0.f);
-        neg[d] = (group_max || h == 0 ? 0.f : neg[d]) + std::min(qh[d], 0.f);
+    if (!group_max) {  // the sum of the heads' bounds: one scoring of the whole group's fold
+      fold(0, G);
+      score_chunks(scoring, pos, neg, n_chunks, scores.data());
+    } else {  // the max of the heads' bounds: a scoring per head
+      std::vector<float> head_scores(n_chunks);
+      for (int h = 0; h < G; ++h) {
+        fold(h, h + 1);
+        score_chunks(scoring, pos, neg, n_chunks, h == 0 ? scores.data() : head_scores.data());
+        for (int c = 0; h > 0 && c < n_chunks; ++c) scores[c] = std::max(scores[c], head_scores[c]);
       }
-      if (!group_max) continue;
-      score_chunks(scoring, pos, neg, n_chunks, h == 0 ? scores.data() : head_scores.data());
-      if (h > 0)
-        for (int c = 0; c < n_chunks; ++c) scores[c] = std::max(scores[c], head_scores[c]);
     }
-    if (!group_max) score_chunks(scoring, pos, neg, n_chunks, scores.data());
     const auto chosen = n_chunks > 0 ? top_with_forced(scores, k_chunks, 0, n_chunks - 1)
                                      : std::vector<int>{};
     num_ptr[bg] = expand_chunks(chosen, chunk, seq_len, K, idx_ptr + (int64_t)bg * K);
