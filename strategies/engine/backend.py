@@ -39,6 +39,7 @@ from vllm.v1.attention.backends.cpu_attn import (
 )
 
 from strategies.engine import stats as stats_io
+from strategies.engine.heap import HeapTrimmer
 from strategies.base import AttentionUsage, ModelFacts, StepRows, Strategy, step_pairs
 from strategies.registry import FULL
 
@@ -125,6 +126,7 @@ class Router:
         self.last_held: dict[str, int] = {}           # strategy -> buffer bytes, as last written for /metrics
         self.unavailable: Optional[str] = None        # why no strategy but full can run in this worker
         self.unroutable_steps = 0
+        self.heap = HeapTrimmer()
 
     # -- set-up (worker) -----------------------------------------------------------------------
     def attach(self, vllm_config: Any, block_size: int) -> None:
@@ -187,6 +189,7 @@ class Router:
         if self.tracked_changed and self.stats is not None:
             self.stats.write_live(self.live_state())
             self.tracked_changed = False
+        self.heap.maybe_release()
 
     def release(self, request_id: str, finished: bool) -> None:
         """Finished/aborted: drop everything. Preempted: its KV is recomputed into new blocks, so the
@@ -211,6 +214,7 @@ class Router:
         if not self.choices:        # the worker is idle: the strategies' buffers go back to their floor
             for idle in self.strategies.values():
                 idle.free_idle()
+            self.heap.release_now()
 
     # -- per step --------------------------------------------------------------------------------
     def step_request_ids(self, num_reqs: int) -> Optional[list[str]]:
