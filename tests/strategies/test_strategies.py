@@ -175,6 +175,38 @@ def test_recycled_selection_is_top_mass():
         assert strategy.state("req-0").sel_idx[0][hk].tolist() == expected
 
 
+def test_recycled_follow_keeps_the_tokens_after_the_heaviest():
+    """follow=f: the k // (f + 1) heaviest tokens and the f tokens after each are kept, the rest of k by
+    mass; the step's output is attention over exactly that selection."""
+    k, follow, seq = 12, 3, 100
+    strategy = make_strategy("recycled")
+    params = registry.get("recycled").Params(k=k, stride=8, follow=follow, refresh_threshold=None)
+    kv = make_kv()
+    table = block_table([seq + 8])
+    rows = step_rows([params], [1], [seq], table)
+    query = random_query(1, 5)
+    run_step(strategy, rows, query, kv, layers=range(1))
+    keys = logical_kv(kv.key_cache, table[0], seq)
+    for hk in range(MODEL.num_kv_heads):
+        heads = range(hk * MODEL.group_size, (hk + 1) * MODEL.group_size)
+        mass = sum(torch.softmax(keys[:, hk] @ query[0, h] / math.sqrt(MODEL.head_size), 0) for h in heads)
+        anchors = torch.topk(mass, k // (follow + 1)).indices.tolist()
+        followed = {min(a + i, seq - 1) for a in anchors for i in range(follow + 1)}
+        kept = strategy.state("req-0").sel_idx[0][hk].tolist()
+        assert followed <= set(kept) and len(kept) == k == len(set(kept)) and kept == sorted(kept)
+        rest = sorted(set(range(seq)) - followed, key=lambda t: -mass[t].item())[:k - len(followed)]
+        assert set(kept) - followed == set(rest)
+    rows_after = step_rows([params], [1], [seq + 1], table)                   # a sparse step
+    state = strategy.state("req-0")
+    chosen = {hk: set(state.sel_idx[0][hk].tolist()) | set(range(state.full_len[0], seq + 1))
+              for hk in range(MODEL.num_kv_heads)}
+    query = random_query(1, 6)
+    expected = attention_reference(query, kv, rows_after,
+                                   lambda b, q_pos, hk: torch.tensor([t in chosen[hk] for t in range(seq + 1)]))
+    torch.testing.assert_close(run_step(strategy, rows_after, query, kv, layers=range(1))[0], expected,
+                               **TOL[torch.float32])
+
+
 def test_recycled_refreshes_when_query_drifts():
     params = registry.get("recycled").Params(k=16, stride=100, refresh_threshold=0.8)
     kv = make_kv()
