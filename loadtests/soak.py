@@ -71,11 +71,6 @@ def group_memory(pgid: int) -> tuple[int, int, dict[str, int]]:
     return rss, anon, by_process
 
 
-def group_rss(pgid: int) -> int:
-    """Resident bytes of every process in the process group ``pgid``."""
-    return group_memory(pgid)[0]
-
-
 def memory_metrics(base_url: str) -> tuple[int, int, int]:
     with urllib.request.urlopen(f"{base_url}/metrics", timeout=30) as response:
         text = response.read().decode()
@@ -91,7 +86,11 @@ def memory_metrics(base_url: str) -> tuple[int, int, int]:
 
 def projected_growth(samples: list[Sample], field: str, after: float) -> float:
     """Least-squares slope of ``field`` over the samples past ``after`` seconds, times their span."""
-    points = [(s.t, getattr(s, field)) for s in samples if s.t >= after]
+    return line_growth([(s.t, getattr(s, field)) for s in samples if s.t >= after])
+
+
+def line_growth(points: list[tuple[float, float]]) -> float:
+    """Least-squares slope of (time, value) points, times their span (0 for fewer than 3)."""
     if len(points) < 3:
         return 0.0
     n = len(points)
@@ -228,8 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         "rss_growth_after_warmup_mib": projected_growth(samples, "rss", warmup_s) / MiB,
         "rss_anon_growth_after_warmup_mib": projected_growth(samples, "rss_anon", warmup_s) / MiB,
         "rss_growth_after_warmup_by_process_mib": {
-            name: projected_growth([Sample(s.t, s.rss_by_process.get(name, 0), 0, 0, 0) for s in samples], "rss",
-                                   warmup_s) / MiB
+            name: line_growth([(s.t, s.rss_by_process.get(name, 0)) for s in samples if s.t >= warmup_s]) / MiB
             for name in (samples[-1].rss_by_process if samples else {})},
         "held_max_mib": max((s.held for s in samples), default=0) / MiB,
         "held_ceiling_growth_after_warmup_mib": ceiling_growth(samples, "held", warmup_s) / MiB,

@@ -90,6 +90,9 @@ class RecycledPlan:
     positions: dict[tuple[int, int], Tensor] = field(default_factory=dict)   # (rows, len) -> arange idx
 
 
+KEPT_FIRST = 1e30       # above any attention mass (a sum of probabilities over a group's query heads)
+
+
 def keep_followers(mass: Tensor, num_idx: Tensor, k: int, follow: int) -> Tensor:
     """``mass`` [B, Hkv, L] (token i at position i) with the k // (follow + 1) heaviest tokens of each row
     and KV head and the ``follow`` tokens after each (up to the row's last, ``num_idx`` - 1) raised above
@@ -103,9 +106,6 @@ def keep_followers(mass: Tensor, num_idx: Tensor, k: int, follow: int) -> Tensor
     chosen = (top.unsqueeze(-1) + torch.arange(follow + 1, device=mass.device)).flatten(-2)
     chosen = torch.minimum(chosen, (num_idx.long() - 1).clamp(min=0).unsqueeze(-1))  # [B, Hkv, a * (f + 1)]
     return mass.scatter(-1, chosen, KEPT_FIRST)
-
-
-KEPT_FIRST = 1e30       # above any attention mass (a sum of probabilities over a group's query heads)
 
 
 @register

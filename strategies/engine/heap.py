@@ -4,7 +4,8 @@ The strategies allocate per-step tensors whose sizes change with the batch, and 
 buffers (recycled's pool). glibc serves allocations below its mmap threshold (raised at run time up to
 32 MiB after large frees) from its heaps, and returns their free pages only at the top of a heap; pages
 freed in the middle stay resident. Measured in a mixed-strategy soak (2026-12-08, docs/operations.md "Soak"):
-the worker's free-but-resident heap bytes rose ~70 MiB in 4 minutes while its in-use bytes stayed flat.
+the worker's free-but-resident heap bytes rose 97 -> 183 MiB in 9 minutes, while its in-use bytes rose
+mostly in the first 5 minutes and then levelled off.
 ``malloc_trim(0)`` releases every whole free page of every arena (madvise), so the worker calls it at most
 every ``TRIM_INTERVAL_S`` while busy and once whenever it goes idle. Elsewhere than glibc it is a no-op.
 """
